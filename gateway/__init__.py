@@ -1,0 +1,1 @@
+"""tandem gateway: the HTTP side."""

@@ -1,0 +1,73 @@
+"""Errors a request can end with; each dialect renders them in the body shape its clients expect."""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """A client-visible failure: HTTP status plus a message that says what to fix."""
+
+    status: int = 500
+    type: str = "server_error"  # OpenAI's error.type
+    code: str | None = None  # OpenAI's error.code
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model '{model}' does not exist", param="model")
+        self.model = model
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class ServerBusy(GatewayError):
+    """Over the admission limits. OpenAI routes answer 429 with Retry-After; Ollama routes 503."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "server_busy"
+
+
+class Unavailable(GatewayError):
+    """No worker can take the request now (none ready, or the one serving it died)."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"

@@ -1,0 +1,250 @@
+"""Connections to workers: one DEALER socket each, a heartbeat, routing, and the in-flight table.
+
+One reader task per worker fans incoming events out to per-request queues. A worker that stops
+answering heartbeats, or comes back as a new instance, fails every request that was waiting on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from gateway.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    GatewayError,
+    InternalError,
+    ModelNotFound,
+    ServerBusy,
+    Unavailable,
+)
+from worker.protocol import (
+    Abort,
+    Delta,
+    Done,
+    Failed,
+    Generate,
+    Info,
+    ModelCard,
+    WorkerInfo,
+    encode,
+    to_gateway_decoder,
+)
+
+logger = logging.getLogger(__name__)
+
+Event = Delta | Done | Failed
+
+
+class WorkerGone(Exception):
+    """Put on a request's queue when its worker died or restarted."""
+
+
+def model_key(name: str) -> str:
+    """Ollama clients say `name:latest`; both dialects match names case-insensitively."""
+    name = name.strip().lower()
+    return name.removesuffix(":latest")
+
+
+@dataclass(eq=False)
+class WorkerConnection:
+    address: str
+    socket: zmq.asyncio.Socket
+    info: WorkerInfo | None = None
+    last_seen: float = 0.0  # monotonic time of the last message from this worker
+    queues: dict[int, asyncio.Queue[Event | WorkerGone]] = field(default_factory=dict)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.info is not None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.queues)
+
+    @property
+    def capacity(self) -> int:
+        if self.info is None:
+            return 0
+        return self.info.max_running + self.info.max_waiting
+
+    def serves(self, model: str) -> bool:
+        return self.info is not None and any(model_key(m.name) == model_key(model) for m in self.info.models)
+
+    def fail_all(self, reason: str) -> None:
+        if self.queues:
+            logger.warning("worker %s: %s; failing %d request(s)", self.address, reason, len(self.queues))
+        for queue in self.queues.values():
+            queue.put_nowait(WorkerGone(reason))
+        self.queues.clear()
+
+
+class WorkerPool:
+    """Every worker this gateway talks to. Created and closed in the app's lifespan."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        *,
+        heartbeat_interval: float = 0.5,
+        dead_after: float = 3.0,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.context = context or zmq.asyncio.Context()
+        self.heartbeat_interval = heartbeat_interval
+        self.dead_after = dead_after
+        self.workers = [WorkerConnection(address, self._connect(address)) for address in addresses]
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _connect(self, address: str) -> zmq.asyncio.Socket:
+        socket = self.context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for a worker that is not connected: a request must fail, not wait for a restart.
+        socket.setsockopt(zmq.IMMEDIATE, 1)
+        socket.connect(address)
+        return socket
+
+    async def start(self) -> None:
+        for worker in self.workers:
+            self._tasks.append(asyncio.create_task(self._read(worker), name=f"read {worker.address}"))
+            self._tasks.append(asyncio.create_task(self._heartbeat(worker), name=f"beat {worker.address}"))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for worker in self.workers:
+            worker.fail_all("gateway shutting down")
+            worker.socket.close(linger=0)
+        self.context.term()
+
+    # -- what the endpoints ask -------------------------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return any(worker.is_ready for worker in self.workers)
+
+    def models(self) -> list[ModelCard]:
+        """Every model some ready worker serves, each once."""
+        seen: dict[str, ModelCard] = {}
+        for worker in self.workers:
+            if worker.info is not None:
+                for card in worker.info.models:
+                    seen.setdefault(model_key(card.name), card)
+        return list(seen.values())
+
+    def find_model(self, name: str) -> ModelCard:
+        if not self.is_ready:
+            raise Unavailable("No model worker is ready yet; try again shortly", headers={"Retry-After": "1"})
+        for card in self.models():
+            if model_key(card.name) == model_key(name):
+                return card
+        raise ModelNotFound(name)
+
+    def num_in_flight(self) -> int:
+        return sum(worker.num_in_flight for worker in self.workers)
+
+    async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
+        """Send one request and yield its events until Done. Raises GatewayError on failure.
+
+        Leaving the loop early (client gone, error, cancellation) sends Abort to the worker.
+        """
+        worker = self._pick(request.model)
+        request = msgspec.structs.replace(request, id=next(self._ids))
+        queue: asyncio.Queue[Event | WorkerGone] = asyncio.Queue()
+        worker.queues[request.id] = queue
+        finished = False
+        try:
+            await worker.socket.send(encode(request))
+            while True:
+                event = await queue.get()
+                if isinstance(event, WorkerGone):
+                    finished = True
+                    raise Unavailable(f"The model worker stopped while serving this request ({event})")
+                if isinstance(event, Failed):
+                    finished = True
+                    raise _error_for(event)
+                if isinstance(event, Done):
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            worker.queues.pop(request.id, None)
+            if not finished:
+                logger.info("request %d: abandoned before done; sending Abort", request.id)
+                with contextlib.suppress(zmq.ZMQError):
+                    await worker.socket.send(encode(Abort(id=request.id)))
+
+    def _pick(self, model: str) -> WorkerConnection:
+        candidates = [w for w in self.workers if w.serves(model)]
+        if not candidates:
+            self.find_model(model)  # raises the right error: not ready, or no such model
+            raise Unavailable(f"No ready worker serves '{model}'")
+        open_ = [w for w in candidates if w.num_in_flight < w.capacity]
+        if not open_:
+            raise ServerBusy("Server is busy: too many requests in flight; retry shortly", headers={"Retry-After": "1"})
+        return min(open_, key=lambda w: w.num_in_flight / max(w.capacity, 1))
+
+    # -- background tasks -------------------------------------------------------------------
+
+    async def _read(self, worker: WorkerConnection) -> None:
+        while True:
+            frame = await worker.socket.recv()
+            try:
+                message = to_gateway_decoder.decode(frame)
+            except msgspec.DecodeError as exc:
+                logger.error("worker %s sent a malformed frame: %s", worker.address, exc)
+                continue
+            worker.last_seen = time.monotonic()
+            if isinstance(message, WorkerInfo):
+                self._on_info(worker, message)
+                continue
+            queue = worker.queues.get(message.id)
+            if queue is not None:  # else: already abandoned by its client
+                queue.put_nowait(message)
+
+    def _on_info(self, worker: WorkerConnection, info: WorkerInfo) -> None:
+        if worker.info is None:
+            logger.info("worker %s ready: %s on %s", worker.address, [m.name for m in info.models], info.device)
+        elif worker.info.instance != info.instance:
+            worker.fail_all("worker restarted")
+            logger.info("worker %s is a new instance now", worker.address)
+        worker.info = info
+
+    async def _heartbeat(self, worker: WorkerConnection) -> None:
+        while True:
+            with contextlib.suppress(zmq.ZMQError):  # EAGAIN while the worker is not connected
+                await worker.socket.send(encode(Info()), flags=zmq.NOBLOCK)
+            await asyncio.sleep(self.heartbeat_interval)
+            silent_for = time.monotonic() - worker.last_seen
+            if worker.info is not None and silent_for > self.dead_after:
+                logger.warning("worker %s silent for %.1fs: marking it down", worker.address, silent_for)
+                worker.info = None
+                worker.fail_all("worker stopped answering")
+
+
+def _error_for(failed: Failed) -> GatewayError:
+    match failed.code:
+        case "bad_request":
+            return BadRequest(failed.message)
+        case "context_length":
+            return ContextLengthExceeded(failed.message, param="messages")
+        case "not_found":
+            return ModelNotFound(failed.message)
+        case "busy":
+            return ServerBusy(failed.message, headers={"Retry-After": "1"})
+        case _:
+            return InternalError(failed.message)

@@ -1,0 +1,1 @@
+"""tandem worker: holds the model, batches requests, streams tokens."""

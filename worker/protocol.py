@@ -1,0 +1,195 @@
+"""The wire messages between gateway and worker: msgspec Structs in one tagged union, msgpack frames.
+
+Gateway → worker: Generate, Abort, Info.  Worker → gateway: Delta, Done, Failed, WorkerInfo.
+The worker always streams; a non-streaming HTTP answer is the gateway folding the deltas.
+A request id is unique per gateway connection; the worker keys its state by (peer, id).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Ranges the worker relies on; the dialects check the same ranges before sending.
+Temperature = Annotated[float, Meta(ge=0.0, le=100.0)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class SamplingParams(Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """How to pick tokens and when to stop. temperature 0 means greedy."""
+
+    temperature: Temperature = 1.0
+    top_p: Probability = 1.0
+    top_k: NonNegativeInt = 0  # 0 = off
+    min_p: Probability = 0.0
+    seed: int | None = None
+    repetition_penalty: PositiveFloat = 1.0  # multiplicative (HF / Ollama repeat_penalty)
+    presence_penalty: Penalty = 0.0  # additive (OpenAI)
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[int, float] = {}
+    max_tokens: PositiveInt | None = None  # None: up to the context length
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # top-N alternatives per token
+
+
+class ToolCallFunction(Struct, omit_defaults=True):
+    name: str
+    arguments: Any = None  # a JSON object, or a JSON string as OpenAI sends it
+
+
+class ToolCall(Struct, omit_defaults=True):
+    function: ToolCallFunction
+    id: str | None = None
+    type: str = "function"
+
+
+class ChatMessage(Struct, omit_defaults=True):
+    """One turn of a conversation, already flattened to text by the dialect."""
+
+    role: str
+    content: str = ""
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning: str | None = None  # earlier turns' thinking, for templates that render it
+
+
+class Generate(Struct, tag=True, omit_defaults=True):
+    """Start one completion. Exactly one of `messages` (chat template applied) or `prompt` (raw)."""
+
+    id: int
+    model: str
+    params: SamplingParams = SamplingParams()
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None  # JSON schemas, passed to the chat template
+    think: bool | None = None  # None: the template's default
+    template_kwargs: dict[str, Any] = {}  # extra chat-template variables (chat_template_kwargs)
+    add_generation_prompt: bool = True
+
+
+class Abort(Struct, tag=True):
+    """Stop a request and free its state; the worker answers with Done(finish_reason="abort")."""
+
+    id: int
+
+
+class Info(Struct, tag=True):
+    """Ask the worker to describe itself; also the gateway's heartbeat."""
+
+
+class TokenLogprob(Struct, array_like=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class Logprob(Struct, array_like=True):
+    """The chosen token's log-probability and the top alternatives at that position."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top: list[TokenLogprob]
+
+
+class Delta(Struct, tag=True, omit_defaults=True):
+    """New output since the last event for this request. Text never splits a UTF-8 character."""
+
+    id: int
+    text: str = ""
+    reasoning: str = ""
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    logprobs: list[Logprob] | None = None
+
+
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class Timings(Struct):
+    """Seconds, measured in the worker."""
+
+    queue: float = 0.0  # arrival → first scheduled
+    prefill: float = 0.0  # first scheduled → first token
+    decode: float = 0.0  # first token → done
+    load: float = 0.0  # model load time, once per worker; reported for Ollama's load_duration
+
+
+class Done(Struct, tag=True, omit_defaults=True):
+    """The request finished; no more events follow for this id."""
+
+    id: int
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings = Timings()
+    stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
+
+
+ErrorCode = Literal["bad_request", "context_length", "not_found", "busy", "internal"]
+
+
+class Failed(Struct, tag=True):
+    """The request cannot be served; no more events follow for this id."""
+
+    id: int
+    code: ErrorCode
+    message: str
+
+
+class ModelCard(Struct, omit_defaults=True):
+    """What the gateway needs to know about a served model."""
+
+    name: str
+    context_length: int
+    architecture: str = ""
+    num_parameters: int = 0
+    size_bytes: int = 0
+    quantization: str = ""
+    dtype: str = ""
+    chat_template: str = ""
+    capabilities: list[str] = []  # "completion", "tools", "thinking"
+    family: str = ""
+    format: str = ""  # "gguf", "safetensors"
+
+
+class WorkerInfo(Struct, tag=True, omit_defaults=True):
+    """The worker's self-description, sent in reply to Info."""
+
+    instance: str  # changes on every start, so a gateway notices a restarted worker
+    models: list[ModelCard]
+    device: str
+    started_at: float  # unix seconds
+    max_running: int
+    max_waiting: int
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0
+    prefix_cache_hit_rate: float = 0.0
+
+
+ToWorker = Generate | Abort | Info
+ToGateway = Delta | Done | Failed | WorkerInfo
+
+_encoder = msgspec.msgpack.Encoder()
+to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
+to_gateway_decoder = msgspec.msgpack.Decoder(ToGateway)
+
+
+def encode(message: ToWorker | ToGateway) -> bytes:
+    return _encoder.encode(message)
