@@ -54,7 +54,9 @@ async def health(request: Request) -> Response:
             "up_since": w.info.started_at if w.info else None,
             "running": w.info.num_running if w.info else 0,
             "waiting": w.info.num_waiting if w.info else 0,
-            "kv_cache_usage": (w.info.kv_blocks_used / w.info.kv_blocks_total) if w.info and w.info.kv_blocks_total else 0.0,
+            "kv_cache_usage": round(w.info.kv_blocks_used / w.info.kv_blocks_total, 4)
+            if w.info and w.info.kv_blocks_total
+            else 0.0,
             "in_flight": w.num_in_flight,
         }
         for w in pool.workers

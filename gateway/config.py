@@ -13,4 +13,5 @@ class GatewayConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout: float | None = None  # seconds; past it the request is aborted in the worker
     reasoning_field: bool = False  # OpenAI: also emit thinking as `reasoning` beside `reasoning_content`
+    shutdown_grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     version: str = "0.1.0"

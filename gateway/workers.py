@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from gateway.errors import (
     BadRequest,
@@ -118,6 +119,7 @@ class WorkerPool:
         for worker in self.workers:
             self._tasks.append(asyncio.create_task(self._read(worker), name=f"read {worker.address}"))
             self._tasks.append(asyncio.create_task(self._heartbeat(worker), name=f"beat {worker.address}"))
+            self._tasks.append(asyncio.create_task(self._watch(worker), name=f"watch {worker.address}"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -234,6 +236,22 @@ class WorkerPool:
                 logger.warning("worker %s silent for %.1fs: marking it down", worker.address, silent_for)
                 worker.info = None
                 worker.fail_all("worker stopped answering")
+
+
+    async def _watch(self, worker: WorkerConnection) -> None:
+        """A dropped connection means the worker process died: fail its requests now, not at the next beat."""
+        monitor = worker.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    if worker.info is not None:
+                        logger.warning("worker %s disconnected: marking it down", worker.address)
+                    worker.info = None
+                    worker.fail_all("worker disconnected")
+        finally:
+            worker.socket.disable_monitor()
+            monitor.close(linger=0)
 
 
 def _error_for(failed: Failed) -> GatewayError:

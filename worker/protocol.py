@@ -110,6 +110,7 @@ class Delta(Struct, tag=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     logprobs: list[Logprob] | None = None
+    tool_calls: list[ToolCall] | None = None  # complete calls parsed from the output (arguments: a JSON object)
 
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]

