@@ -84,8 +84,17 @@ class Launcher:
         self.gateway = Child("gateway", gateway + list(config.gateway_args))
 
     def _worker_command(self, address: str) -> list[str]:
-        command = [sys.executable, "-m", "worker", "--bind", address, "--device", self.config.device,
-                   "--dtype", self.config.dtype]
+        command = [
+            sys.executable,
+            "-m",
+            "worker",
+            "--bind",
+            address,
+            "--device",
+            self.config.device,
+            "--dtype",
+            self.config.dtype,
+        ]
         if self.config.model:
             command += ["--model", self.config.model]
         return command + list(self.config.worker_args)
@@ -130,8 +139,9 @@ class Launcher:
                     info = to_gateway_decoder.decode(socket.recv())
                     if isinstance(info, WorkerInfo):
                         names = ", ".join(m.name for m in info.models)
-                        logger.info("%s ready: %s on %s (%.1fs)", worker.name, names, info.device,
-                                    time.monotonic() - started)
+                        logger.info(
+                            "%s ready: %s on %s (%.1fs)", worker.name, names, info.device, time.monotonic() - started
+                        )
                         return True
                 if time.monotonic() - last_note >= 5:
                     last_note = time.monotonic()
@@ -141,8 +151,10 @@ class Launcher:
             socket.close(linger=0)
 
     def _wait_http(self) -> bool:
-        url = f"http://{self.config.host if self.config.host not in ('0.0.0.0', '::') else '127.0.0.1'}" \
-              f":{self.config.port}/health"
+        url = (
+            f"http://{self.config.host if self.config.host not in ('0.0.0.0', '::') else '127.0.0.1'}"
+            f":{self.config.port}/health"
+        )
         while not self.stopping:
             if self.gateway.exit_code is not None:
                 logger.error("gateway exited with code %s while starting", self.gateway.exit_code)
@@ -170,8 +182,13 @@ class Launcher:
         now = time.monotonic()
         child.crashes = [t for t in child.crashes if now - t < self.config.restart_window] + [now]
         if len(child.crashes) > self.config.max_restarts:
-            logger.error("%s crashed %d times in %.0fs (last exit code %s): giving up",
-                         child.name, len(child.crashes), self.config.restart_window, code)
+            logger.error(
+                "%s crashed %d times in %.0fs (last exit code %s): giving up",
+                child.name,
+                len(child.crashes),
+                self.config.restart_window,
+                code,
+            )
             return False
         delay = min(0.5 * 2 ** (len(child.crashes) - 1), 30.0)
         logger.warning("%s exited with code %s; restarting in %.1fs", child.name, code, delay)
@@ -190,12 +207,16 @@ class Launcher:
 
 def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python launcher.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python launcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
-    parser.add_argument("--model", default=env("TANDEM_MODEL") or None,
-                        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        default=env("TANDEM_MODEL") or None,
+        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"))
     parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"))
     parser.add_argument("--workers", type=int, default=1, help="worker processes (e.g. one per GPU)")

@@ -15,16 +15,19 @@ from gateway.config import GatewayConfig
 def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
-    parser.add_argument("--worker", action="append", dest="workers",
-                        help="ZeroMQ address of a worker (repeatable)")
+    parser.add_argument("--worker", action="append", dest="workers", help="ZeroMQ address of a worker (repeatable)")
     parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
     parser.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
     parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
-    parser.add_argument("--reasoning-field", action="store_true",
-                        help="also send thinking as `reasoning` beside `reasoning_content` (OpenAI routes)")
-    parser.add_argument("--shutdown-grace", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish after SIGTERM")
+    parser.add_argument(
+        "--reasoning-field",
+        action="store_true",
+        help="also send thinking as `reasoning` beside `reasoning_content` (OpenAI routes)",
+    )
+    parser.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
+    )
     args = parser.parse_args(argv)
     workers = tuple(args.workers or [env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock")])
     return GatewayConfig(
@@ -41,8 +44,13 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
-                timeout_graceful_shutdown=int(config.shutdown_grace))
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="info",
+        timeout_graceful_shutdown=int(config.shutdown_grace),
+    )
 
 
 if __name__ == "__main__":

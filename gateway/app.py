@@ -51,6 +51,7 @@ async def health(request: Request) -> Response:
             "ready": w.is_ready,
             "models": [m.name for m in w.info.models] if w.info else [],
             "device": w.info.device if w.info else None,
+            "pid": w.info.pid if w.info else None,
             "up_since": w.info.started_at if w.info else None,
             "running": w.info.num_running if w.info else 0,
             "waiting": w.info.num_waiting if w.info else 0,

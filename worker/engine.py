@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -212,8 +213,11 @@ class Engine:
             return []
         logits = self.runner.forward(  # 2) run
             [
-                SeqChunk(c.seq.token_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
-                         c.seq.num_computed, c.seq.block_table)
+                SeqChunk(
+                    c.seq.token_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
+                    c.seq.num_computed,
+                    c.seq.block_table,
+                )
                 for c in chunks
             ]
         )
@@ -296,8 +300,10 @@ class Engine:
 
     def _logprob(self, choice: Any) -> Logprob:
         token = self.tokenizer.decode([choice.token_id])
-        top = [TokenLogprob(self.tokenizer.decode([t]), lp, list(self.tokenizer.decode([t]).encode()))
-               for t, lp in choice.top]
+        top = [
+            TokenLogprob(self.tokenizer.decode([t]), lp, list(self.tokenizer.decode([t]).encode()))
+            for t, lp in choice.top
+        ]
         return Logprob(token, choice.logprob, list(token.encode()), top)
 
     def _finish(self, seq: Sequence) -> Outgoing:
@@ -323,7 +329,12 @@ class Engine:
         )
         logger.info(
             "request %d: %s after %d+%d tokens (%d cached), %.3fs",
-            seq.key[1], reason, seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached, now - seq.arrived_at,
+            seq.key[1],
+            reason,
+            seq.num_prompt_tokens,
+            seq.num_output_tokens,
+            seq.num_cached,
+            now - seq.arrived_at,
         )
         return (seq.key[0], done)
 
@@ -333,6 +344,7 @@ class Engine:
         queries = self.blocks.num_prefix_queries
         return WorkerInfo(
             instance=self.instance,
+            pid=os.getpid(),
             models=[self.card],
             device=str(self.loaded.device),
             started_at=self.started_at,

@@ -122,7 +122,7 @@ class Usage(Struct):
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
-class Timings(Struct):
+class Timings(Struct, frozen=True):
     """Seconds, measured in the worker."""
 
     queue: float = 0.0  # arrival → first scheduled
@@ -172,6 +172,7 @@ class WorkerInfo(Struct, tag=True, omit_defaults=True):
     """The worker's self-description, sent in reply to Info."""
 
     instance: str  # changes on every start, so a gateway notices a restarted worker
+    pid: int
     models: list[ModelCard]
     device: str
     started_at: float  # unix seconds
