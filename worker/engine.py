@@ -255,7 +255,10 @@ class Engine:
             elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.context_length:
                 state.finish_reason = "length"
         if state.finish_reason is not None and not isinstance(state.stop_reason, str):
-            text += state.stops.flush()  # no stop string matched: what it held back is real output
+            # Ending without a stop string: a character still held by the detokenizer goes through the stop
+            # matcher too, then whatever the matcher held back is real output.
+            tail, stop = state.stops.push(state.detokenizer.flush())
+            text += tail if stop is not None else tail + state.stops.flush()
         delta = self._delta(seq, text, choice, final=state.finish_reason is not None)
         out = [(seq.key[0], delta)] if delta is not None else []
         if state.finish_reason is not None:
@@ -264,8 +267,6 @@ class Engine:
 
     def _delta(self, seq: Sequence, text: str, choice: Any, *, final: bool) -> Delta | None:
         state: RequestState = seq.state
-        if final:
-            text += state.detokenizer.flush()
         reasoning = ""
         if state.reasoning is not None:
             text, reasoning = state.reasoning.push(text)
