@@ -241,6 +241,7 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
     return Launcher(parse_args(argv)).run()
 
 

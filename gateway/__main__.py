@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -41,16 +44,31 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     )
 
 
+class Server(uvicorn.Server):
+    """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die by the signal;
+    a clean drain should exit 0 instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         create_app(config),
         host=config.host,
         port=config.port,
         log_level="info",
         timeout_graceful_shutdown=int(config.shutdown_grace),
     )
+    Server(uvicorn_config).run()
 
 
 if __name__ == "__main__":
