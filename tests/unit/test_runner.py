@@ -1,0 +1,195 @@
+"""Our paged, flat-batch forward pass against the HF model's own logits, on the real default model (CPU, fp32)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+
+from worker.models import LoadedModel, load_model
+from worker.runner import ModelRunner, SeqChunk, UnsupportedModel
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 96
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "Write a haiku about paged attention and the memory it saves.",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24",
+    "Bonjour! Comment allez-vous aujourd'hui ? Je voudrais un café, s'il vous plaît.",
+]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    # The same folder as test_models.py, so one session converts the GGUF file once.
+    cache_dir = Path(tmp_path_factory.getbasetemp()) / "tandem-cache"
+    return load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def runner(loaded: LoadedModel) -> ModelRunner:
+    return ModelRunner(
+        loaded.model, device=torch.device("cpu"), dtype=torch.float32, num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE
+    )
+
+
+@pytest.fixture
+def blocks() -> list[int]:
+    """Free block ids in shuffled order, so block tables are never contiguous or sorted."""
+    free = list(range(NUM_BLOCKS))
+    random.Random(0).shuffle(free)
+    return free
+
+
+def tokens(loaded: LoadedModel, text: str) -> list[int]:
+    return loaded.tokenizer.encode(text)
+
+
+def table(free: list[int], num_tokens: int) -> list[int]:
+    return [free.pop() for _ in range(-(-num_tokens // BLOCK_SIZE))]
+
+
+_references: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def hf_logits(loaded: LoadedModel, token_ids: list[int]) -> torch.Tensor:
+    """The HF model's float32 logits at every position of one sequence alone, without any cache.
+
+    Causal attention makes row p the logits of the prefix [0, p] alone, so one call per prompt serves every test.
+    """
+    key = tuple(token_ids)
+    if key not in _references:
+        with torch.inference_mode():
+            _references[key] = loaded.model(torch.tensor([token_ids])).logits[0].float()
+    return _references[key]
+
+
+def assert_matches(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=1e-3, rtol=1e-4)
+    assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_full_prompt_prefill(loaded: LoadedModel, runner: ModelRunner, blocks: list[int]) -> None:
+    ids = tokens(loaded, PROMPTS[0])
+    logits = runner.forward([SeqChunk(ids, 0, table(blocks, len(ids)))])
+    assert logits.shape == (1, loaded.model.config.vocab_size)
+    assert_matches(logits[0], hf_logits(loaded, ids)[-1])
+
+
+def test_prompt_prefilled_in_three_chunks(loaded: LoadedModel, runner: ModelRunner, blocks: list[int]) -> None:
+    ids = tokens(loaded, PROMPTS[0])
+    reference = hf_logits(loaded, ids)
+    block_table = table(blocks, len(ids))
+    for start, end in [(0, 17), (17, 40), (40, len(ids))]:  # boundaries inside blocks, not on them
+        logits = runner.forward([SeqChunk(ids[start:end], start, block_table)])
+        assert_matches(logits[0], reference[end - 1])
+
+
+def test_batched_decode_of_sequences_with_different_lengths(
+    loaded: LoadedModel, runner: ModelRunner, blocks: list[int]
+) -> None:
+    prompts = [tokens(loaded, text) for text in PROMPTS[:3]]
+    assert len({len(ids) for ids in prompts}) == 3
+    tables = [table(blocks, len(ids) + 2) for ids in prompts]
+    # All prompts but their last two tokens in one step, then two decode steps of all three together.
+    runner.forward([SeqChunk(ids[:-2], 0, t) for ids, t in zip(prompts, tables, strict=True)])
+    for back in (2, 1):
+        logits = runner.forward(
+            [SeqChunk([ids[-back]], len(ids) - back, t) for ids, t in zip(prompts, tables, strict=True)]
+        )
+        for row, ids in enumerate(prompts):
+            assert_matches(logits[row], hf_logits(loaded, ids)[len(ids) - back])
+
+
+def test_mixed_step_of_decodes_and_prefill_chunks(loaded: LoadedModel, runner: ModelRunner, blocks: list[int]) -> None:
+    decoding = [tokens(loaded, PROMPTS[1]), tokens(loaded, PROMPTS[2])]
+    chunked = tokens(loaded, PROMPTS[0])  # its second chunk attends to its cached first chunk
+    fresh = tokens(loaded, PROMPTS[3])  # a first chunk: plain causal attention
+    decode_tables = [table(blocks, len(ids)) for ids in decoding]
+    chunked_table, fresh_table = table(blocks, len(chunked)), table(blocks, len(fresh))
+    runner.forward([SeqChunk(ids[:-1], 0, t) for ids, t in zip(decoding, decode_tables, strict=True)])
+    runner.forward([SeqChunk(chunked[:30], 0, chunked_table)])
+    # The caller's order mixes kinds; the runner puts decodes first internally and must answer in this order.
+    step = [
+        SeqChunk(chunked[30:], 30, chunked_table),
+        SeqChunk([decoding[0][-1]], len(decoding[0]) - 1, decode_tables[0]),
+        SeqChunk(fresh, 0, fresh_table),
+        SeqChunk([decoding[1][-1]], len(decoding[1]) - 1, decode_tables[1]),
+    ]
+    logits = runner.forward(step)
+    for row, ids in enumerate([chunked, decoding[0], fresh, decoding[1]]):
+        assert_matches(logits[row], hf_logits(loaded, ids)[-1])
+
+
+def test_block_placement_does_not_change_the_result(loaded: LoadedModel, runner: ModelRunner) -> None:
+    ids = tokens(loaded, PROMPTS[0])
+    num_blocks = -(-len(ids) // BLOCK_SIZE)
+    contiguous = list(range(num_blocks))
+    scattered = [NUM_BLOCKS - 1 - 7 * i for i in range(num_blocks)]  # descending, with gaps
+    results = []
+    for block_table in (contiguous, scattered):
+        runner.forward([SeqChunk(ids[:-1], 0, block_table)])
+        results.append(runner.forward([SeqChunk(ids[-1:], len(ids) - 1, block_table)])[0])
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=0)
+    assert_matches(results[1], hf_logits(loaded, ids)[-1])
+
+
+TINY = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
+TINY_HEADS = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LlamaConfig(**TINY, **TINY_HEADS, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+        LlamaConfig(**TINY, **TINY_HEADS, rope_parameters=LLAMA3_ROPE),
+        Qwen2Config(**TINY, **TINY_HEADS),  # q/k/v biases
+        Qwen3Config(**TINY, **TINY_HEADS, head_dim=32),  # q_norm/k_norm, head_dim != hidden / heads
+        MistralConfig(**TINY, **TINY_HEADS, sliding_window=None),
+    ],
+    ids=["llama-biases", "llama3-rope", "qwen2", "qwen3", "mistral"],
+)
+def test_tiny_models_of_each_supported_architecture(config: PretrainedConfig) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # random weights large enough, and norms far enough from 1, that mistakes show
+        for parameter in model.parameters():
+            parameter.normal_(1.0 if parameter.dim() == 1 else 0.0, 0.2)
+    ids = torch.randint(0, config.vocab_size, (40,)).tolist()
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids])).logits[0]
+    runner = ModelRunner(model, device=torch.device("cpu"), dtype=torch.float32, num_blocks=16, block_size=4)
+    block_table = [9, 3, 14, 0, 7, 1, 12, 5, 2, 11]
+    for start, end in [(0, 25), (25, 39), (39, 40)]:
+        logits = runner.forward([SeqChunk(ids[start:end], start, block_table)])
+        assert_matches(logits[0], reference[end - 1])
+
+
+def test_short_block_table_is_refused(runner: ModelRunner) -> None:
+    with pytest.raises(ValueError, match="block table"):
+        runner.forward([SeqChunk([1] * 20, 0, [0])])
+
+
+def test_bytes_per_block_counts_k_and_v_of_every_layer(loaded: LoadedModel) -> None:
+    config = loaded.model.config  # SmolLM2-135M: 30 layers, 3 KV heads of 64
+    assert ModelRunner.bytes_per_block(config, torch.float32, 16) == 2 * 30 * 16 * 3 * 64 * 4
+    assert ModelRunner.bytes_per_block(config, torch.bfloat16, 16) == 2 * 30 * 16 * 3 * 64 * 2
+
+
+def test_unsupported_architecture_is_refused_clearly() -> None:
+    model = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"))
+    with pytest.raises(UnsupportedModel, match="'gpt2' is not supported"):
+        ModelRunner(model, device=torch.device("cpu"), dtype=torch.float32, num_blocks=4)  # type: ignore[arg-type]

@@ -1,0 +1,377 @@
+"""The model forward pass: Llama-family decoders over a paged KV cache, many sequences per step. All torch is here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Rope types whose frequencies do not depend on the sequence length, so one cos/sin table serves every step.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class UnsupportedModel(Exception):
+    """The model's architecture or one of its config options is outside what this runner computes."""
+
+
+@dataclass
+class SeqChunk:
+    token_ids: list[int]  # tokens to run this step for one sequence (1 when decoding, many when prefilling)
+    start_pos: int  # absolute position of token_ids[0]; KV for positions [0, start_pos) is already in the cache
+    block_table: list[int]  # this sequence's KV block ids, covering positions [0, start_pos + len(token_ids))
+
+
+class _Linear:
+    """x @ W.T (+ bias) (+ residual). On CPU in fp32 the weight is also kept prepacked in oneDNN's blocked layout.
+
+    Measured on a 2-core AVX2 CPU, the prepacked matmul is about 2x faster than MKL's sgemm for the 4-16 token
+    batches of decoding (MKL repacks the whole weight on every call) and no slower for long prefills. The
+    packed copy costs the weights' memory once more, which a CPU-sized model can afford.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, pack: bool) -> None:
+        self.weight, self.bias = weight, bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else None
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.packed is not None:
+            if residual is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.packed, self.bias, "add")
+        if residual is None:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.addmm(residual, x, self.weight.t())  # the residual add rides on the matmul
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's prepacked linear works here: checked once on a small matrix, since its ops are private."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight, x, residual = torch.randn(24, 16), torch.randn(3, 16), torch.randn(3, 24)
+        linear = _Linear(weight, None, pack=True)
+        expected = torch.addmm(residual, x, weight.t())
+        return torch.allclose(linear(x, residual), expected, atol=1e-4) and torch.allclose(
+            linear(x), expected - residual, atol=1e-4
+        )
+    except (RuntimeError, AttributeError) as exc:
+        logger.info("oneDNN prepacked linear unavailable (%s); using torch.nn.functional.linear", exc)
+        return False
+
+
+@dataclass
+class _Layer:
+    """One decoder layer's weights. q/k/v and gate/up are fused so each runs as one matmul over the step."""
+
+    input_norm: Tensor
+    qkv: _Linear
+    qk_norm: Tensor | None  # qwen3: per-head RMSNorm weights, q heads then k heads, [H + KVH, D]
+    o_proj: _Linear
+    post_norm: Tensor
+    gate_up: _Linear
+    down: _Linear
+
+
+@dataclass
+class _Prefill:
+    """A prefill chunk's rows in the flat batch and what its attention reads."""
+
+    start: int  # first row in the flat batch
+    length: int
+    context: int  # start_pos + length: how many cached positions it attends to
+    blocks: Tensor | None  # block ids covering [0, context); None when there is no cached prefix
+    mask: Tensor | None  # [length, context] bool, causal shifted by start_pos; None with no prefix
+
+
+@dataclass
+class _Decode:
+    """What the batched attention of all 1-token chunks reads from the cache."""
+
+    blocks: Tensor  # [B * max_blocks] block ids, each table padded with block 0 (masked out)
+    context: int  # the longest context among them
+    mask: Tensor | None  # [B, 1, 1, context] bool; None when all contexts are equally long
+
+
+@dataclass
+class _Step:
+    """Index tensors for one forward, built once and shared by every layer."""
+
+    input_ids: Tensor  # [T], decode tokens first, then each prefill chunk
+    slots: Tensor  # [T] flat KV slot of each token
+    cos: Tensor  # [T, 1, D]
+    sin: Tensor  # [T, 1, D], sign of rotate_half folded in
+    num_decode: int
+    decode: _Decode | None
+    prefills: list[_Prefill]
+    logit_rows: Tensor  # [len(chunks)] row of each chunk's last token, in the caller's order
+
+
+def _fuse(modules: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate linear weights (and biases) and point the modules at views of the result.
+
+    The views keep the HF model usable (tests compare against it) without holding the weights twice.
+    """
+    weight = torch.cat([m.weight.detach() for m in modules])
+    bias = None
+    if any(m.bias is not None for m in modules):
+        bias = torch.cat([weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach() for m in modules])
+    offset = 0
+    for m in modules:
+        rows = m.out_features
+        m.weight.data = weight[offset : offset + rows]
+        if bias is not None and m.bias is not None:
+            m.bias.data = bias[offset : offset + rows]
+        offset += rows
+    return weight, bias
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _check_supported(model: PreTrainedModel) -> None:
+    config: Any = model.config
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModel(
+            f"model type {config.model_type!r} is not supported (tandem runs {', '.join(SUPPORTED_TYPES)})"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (only silu)")
+    rope_type = getattr(getattr(model.base_model, "rotary_emb", None), "rope_type", None)
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UnsupportedModel(f"rope type {rope_type!r} is not supported (tandem runs {', '.join(STATIC_ROPE_TYPES)})")
+
+
+class ModelRunner:
+    """Runs one engine step: decode and prefill chunks of many sequences as one flat batch of tokens.
+
+    Every linear layer runs once per layer over all T tokens, so the weights are read once per step however
+    many sequences share it. The runner fuses q/k/v and gate/up of the HF model in place (see `_fuse`).
+    Attention is always full: where a config sets a sliding window, `models.context_length` caps the context
+    at that window, so full and sliding attention agree.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int = 16
+    ) -> None:
+        _check_supported(model)
+        config: Any = model.config
+        decoder: Any = model.base_model  # the LlamaModel (or Qwen2Model, ...) inside the ForCausalLM wrapper
+        if device.type == "cuda" and device.index is None:  # so that it compares equal to the weights' device
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.dtype = device, dtype
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = _head_dim(config)
+        self.eps = config.rms_norm_eps
+        self.embed: Tensor = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
+        if self.embed.dtype != dtype or self.embed.device != device:
+            raise ValueError(f"the model is {self.embed.dtype} on {self.embed.device}, the runner {dtype} on {device}")
+        self.norm = decoder.norm.weight.detach()
+        self._pack = _can_pack(device, dtype)
+        self.lm_head = _Linear(model.get_output_embeddings().weight.detach(), None, self._pack)
+        self.layers = [self._take_layer(layer) for layer in decoder.layers]
+        rotary = decoder.rotary_emb
+        self._inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
+        self._rope_scaling = float(rotary.attention_scaling)
+        self._cos = self._sin = torch.empty(0, self.head_dim, device=device, dtype=dtype)
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        # Zeroed, not empty: masked-out slots still meet V in the softmax product, and 0 * NaN would be NaN.
+        self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        # The same memory indexed by slot (block * block_size + offset), where new tokens' K/V are written.
+        self._k_slots = [cache.view(-1, self.num_kv_heads, self.head_dim) for cache in self.k_cache]
+        self._v_slots = [cache.view(-1, self.num_kv_heads, self.head_dim) for cache in self.v_cache]
+        logger.info(
+            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB)",
+            len(self.layers),
+            num_blocks,
+            block_size,
+            num_blocks * self.bytes_per_block(config, dtype, block_size) / 2**20,
+        )
+
+    @staticmethod
+    def bytes_per_block(config: Any, dtype: torch.dtype, block_size: int) -> int:
+        """K and V bytes of one block over all layers."""
+        per_token = 2 * config.num_key_value_heads * _head_dim(config) * dtype.itemsize
+        return config.num_hidden_layers * block_size * per_token
+
+    def _take_layer(self, layer: Any) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qk_norm = None
+        if getattr(attn, "q_norm", None) is not None:
+            q_norm = attn.q_norm.weight.detach().expand(self.num_heads, -1)
+            k_norm = attn.k_norm.weight.detach().expand(self.num_kv_heads, -1)
+            qk_norm = torch.cat([q_norm, k_norm])
+        return _Layer(
+            input_norm=layer.input_layernorm.weight.detach(),
+            qkv=self._linear(attn.q_proj, attn.k_proj, attn.v_proj),
+            qk_norm=qk_norm,
+            o_proj=self._linear(attn.o_proj),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
+            gate_up=self._linear(mlp.gate_proj, mlp.up_proj),
+            down=self._linear(mlp.down_proj),
+        )
+
+    def _linear(self, *modules: nn.Linear) -> _Linear:
+        weight, bias = _fuse(list(modules)) if len(modules) > 1 else (modules[0].weight, modules[0].bias)
+        return _Linear(weight.detach(), None if bias is None else bias.detach(), self._pack)
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[SeqChunk]) -> Tensor:
+        """Float32 logits [len(chunks), vocab] at the last token of each chunk; writes the chunks' KV."""
+        if not chunks:
+            return torch.empty(0, self.lm_head.weight.shape[0], device=self.device)
+        step = self._prepare(chunks)
+        x = F.embedding(step.input_ids, self.embed)
+        for index, layer in enumerate(self.layers):
+            x = self._layer(index, layer, x, step)
+        x = F.rms_norm(x.index_select(0, step.logit_rows), self.norm.shape, self.norm, self.eps)
+        return self.lm_head(x).float()
+
+    def _layer(self, index: int, layer: _Layer, x: Tensor, step: _Step) -> Tensor:
+        h = F.rms_norm(x, layer.input_norm.shape, layer.input_norm, self.eps)
+        q, k, v = self._qkv(layer.qkv(h), layer, step)
+        self._k_slots[index].index_copy_(0, step.slots, k)
+        self._v_slots[index].index_copy_(0, step.slots, v)
+        x = layer.o_proj(self._attention(index, q, k, v, step), residual=x)
+        h = F.rms_norm(x, layer.post_norm.shape, layer.post_norm, self.eps)
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up, residual=x)
+
+    def _qkv(self, qkv: Tensor, layer: _Layer, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
+        """Split the fused projection into q [T, H, D], k and v [T, KVH, D]; rotary on q and k at once."""
+        num_tokens, num_qk = qkv.shape[0], self.num_heads + self.num_kv_heads
+        qk = qkv[:, : num_qk * self.head_dim].view(num_tokens, num_qk, self.head_dim)
+        v = qkv[:, num_qk * self.head_dim :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        if layer.qk_norm is not None:
+            qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps) * layer.qk_norm
+        # rotate_half(x) is roll(x, D/2) with the first half negated; the sign lives in the sin table.
+        qk = torch.addcmul(qk * step.cos, qk.roll(self.head_dim // 2, dims=-1), step.sin)
+        return qk[:, : self.num_heads], qk[:, self.num_heads :], v
+
+    def _attention(self, index: int, q: Tensor, k: Tensor, v: Tensor, step: _Step) -> Tensor:
+        """Attention output [T, H * D]: all decode rows in one batched call, then each prefill chunk."""
+        outputs = []
+        if step.decode is not None:
+            outputs.append(self._decode_attention(index, q[: step.num_decode], step.decode))
+        for prefill in step.prefills:
+            outputs.append(self._prefill_attention(index, q, k, v, prefill))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _decode_attention(self, index: int, q: Tensor, decode: _Decode) -> Tensor:
+        batch = q.shape[0]
+        shape = (batch, -1, self.num_kv_heads, self.head_dim)
+        # Gathering whole blocks with index_select is several times faster than per-slot fancy indexing.
+        k = self.k_cache[index].index_select(0, decode.blocks).view(shape)[:, : decode.context]
+        v = self.v_cache[index].index_select(0, decode.blocks).view(shape)[:, : decode.context]
+        # The query heads sharing a KV head become that head's query rows: K and V are read once per group.
+        q = q.view(batch, self.num_kv_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=decode.mask)
+        return out.reshape(batch, -1)
+
+    def _prefill_attention(self, index: int, q: Tensor, k: Tensor, v: Tensor, prefill: _Prefill) -> Tensor:
+        rows = slice(prefill.start, prefill.start + prefill.length)
+        q = q[rows].transpose(0, 1).unsqueeze(0)
+        if prefill.blocks is None:  # a first chunk: plain causal attention over its own fresh K/V
+            k, v = k[rows], v[rows]
+        else:  # a later chunk also attends to the prefix already in the cache
+            shape = (-1, self.num_kv_heads, self.head_dim)
+            k = self.k_cache[index].index_select(0, prefill.blocks).view(shape)[: prefill.context]
+            v = self.v_cache[index].index_select(0, prefill.blocks).view(shape)[: prefill.context]
+        out = F.scaled_dot_product_attention(
+            q,
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=prefill.mask,
+            is_causal=prefill.mask is None,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1).reshape(prefill.length, -1)
+
+    def _prepare(self, chunks: list[SeqChunk]) -> _Step:
+        """Flatten the chunks, decode tokens first, into the index tensors every layer uses."""
+        decode = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) == 1]
+        prefill = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) > 1]
+        if len(decode) + len(prefill) != len(chunks):
+            raise ValueError("a chunk has no tokens")
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows = [0] * len(chunks)
+        bs = self.block_size
+        for i in decode + prefill:
+            chunk = chunks[i]
+            end = chunk.start_pos + len(chunk.token_ids)
+            if len(chunk.block_table) * bs < end:
+                raise ValueError(f"block table of chunk {i} covers {len(chunk.block_table) * bs} < {end} positions")
+            table = chunk.block_table
+            input_ids += chunk.token_ids
+            positions += range(chunk.start_pos, end)
+            slots += [table[pos // bs] * bs + pos % bs for pos in range(chunk.start_pos, end)]
+            logit_rows[i] = len(input_ids) - 1
+        position_ids = self._tensor(positions)
+        cos, sin = self._rope(max(positions) + 1)
+        return _Step(
+            input_ids=self._tensor(input_ids),
+            slots=self._tensor(slots),
+            cos=cos.index_select(0, position_ids).unsqueeze(1),
+            sin=sin.index_select(0, position_ids).unsqueeze(1),
+            num_decode=len(decode),
+            decode=self._prepare_decode([chunks[i] for i in decode]) if decode else None,
+            prefills=self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode)),
+            logit_rows=self._tensor(logit_rows),
+        )
+
+    def _prepare_decode(self, chunks: list[SeqChunk]) -> _Decode:
+        contexts = [chunk.start_pos + 1 for chunk in chunks]
+        longest = max(contexts)
+        num_blocks = -(-longest // self.block_size)
+        blocks = [b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]]
+        mask = None
+        if min(contexts) != longest:
+            lengths = self._tensor(contexts)
+            mask = torch.arange(longest, device=self.device)[None, :] < lengths[:, None]
+            mask = mask[:, None, None, :]
+        return _Decode(blocks=self._tensor(blocks), context=longest, mask=mask)
+
+    def _prepare_prefills(self, chunks: list[SeqChunk], first_row: int) -> list[_Prefill]:
+        prefills, row = [], first_row
+        for chunk in chunks:
+            length = len(chunk.token_ids)
+            context = chunk.start_pos + length
+            blocks = mask = None
+            if chunk.start_pos:
+                blocks = self._tensor(chunk.block_table[: -(-context // self.block_size)])
+                query_pos = torch.arange(chunk.start_pos, context, device=self.device)
+                mask = torch.arange(context, device=self.device)[None, :] <= query_pos[:, None]
+            prefills.append(_Prefill(start=row, length=length, context=context, blocks=blocks, mask=mask))
+            row += length
+        return prefills
+
+    def _tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _rope(self, length: int) -> tuple[Tensor, Tensor]:
+        """cos and signed sin tables [>= length, D], grown on demand; computed exactly as HF does."""
+        if self._cos.shape[0] < length:
+            length = max(length, 2 * self._cos.shape[0], 1024)
+            positions = torch.arange(length, device=self.device, dtype=torch.float32)
+            freqs = torch.outer(positions, self._inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)
+            cos, sin = emb.cos() * self._rope_scaling, emb.sin() * self._rope_scaling
+            half = self.head_dim // 2
+            sin[:, :half].neg_()
+            self._cos, self._sin = cos.to(self.dtype), sin.to(self.dtype)
+        return self._cos, self._sin
