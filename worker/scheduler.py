@@ -41,7 +41,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
+        # Requests that the next step will admit into free running slots are not waiting.
+        free_slots = max(0, self.max_running - len(self.running))
+        if len(self.waiting) >= self.max_waiting + free_slots:
             raise QueueFull(f"{len(self.waiting)} requests already waiting")
         self.waiting.append(seq)
 

@@ -56,7 +56,7 @@ def test_max_running_and_max_waiting_limits() -> None:
     scheduler = Scheduler(BlockManager(64, 4), max_running=2, max_waiting=2, max_step_tokens=64)
     seqs = [make_seq(i, [i, i + 1]) for i in range(4)]
     for seq in seqs[:2]:
-        scheduler.add(seq)
+        scheduler.add(seq)  # both fit free running slots, even before a step admits them
     run_step(scheduler)
     scheduler.add(seqs[2])
     scheduler.add(seqs[3])
@@ -159,3 +159,11 @@ def test_shared_blocks_are_freed_only_when_the_last_user_leaves() -> None:
     assert all(blocks.blocks[i].ref_count == 1 for i in b.block_table[:2])
     scheduler.finish(b)
     assert blocks.num_used == 0
+
+
+def test_requests_bound_for_free_running_slots_do_not_count_as_waiting() -> None:
+    scheduler = Scheduler(BlockManager(64, 4), max_running=2, max_waiting=0, max_step_tokens=64)
+    scheduler.add(make_seq(1, [1, 2]))
+    scheduler.add(make_seq(2, [3, 4]))  # arrives before any step: still fits a running slot
+    with pytest.raises(QueueFull):
+        scheduler.add(make_seq(3, [5, 6]))
