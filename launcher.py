@@ -3,6 +3,10 @@
 A worker that dies is restarted with back-off (the gateway fails its in-flight requests at once and
 reports not-ready until the new worker answers); after repeated crashes the launcher gives up loudly.
 Ctrl-C or SIGTERM stops the gateway first (in-flight streams get a grace period), then the workers; exit 0.
+
+`--gateways N` runs N gateway processes on one listening socket that the launcher opens and hands down;
+their metrics meet in one prometheus-client multiprocess folder, so any of them answers /metrics for all.
+`python launcher.py keygen DIR` writes the CURVE keys for workers on other hosts (see README, Operations).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +25,10 @@ from pathlib import Path
 
 import httpx
 import zmq
+from prometheus_client import multiprocess
 
+from gateway import logs
+from worker.curve import keygen
 from worker.protocol import Info, WorkerInfo, encode, to_gateway_decoder
 
 logger = logging.getLogger("launcher")
@@ -41,6 +49,8 @@ class LaunchConfig:
     grace_period: float
     max_restarts: int  # crashes within `restart_window` seconds before giving up
     restart_window: float = 300.0
+    num_gateways: int = 1
+    log_format: str = "text"
 
 
 @dataclass(eq=False)
@@ -49,19 +59,31 @@ class Child:
     command: list[str]
     process: subprocess.Popen[bytes] | None = None
     crashes: list[float] = field(default_factory=list)  # monotonic times of recent crashes
+    pass_fds: tuple[int, ...] = ()
+    env: dict[str, str] | None = None
 
     def start(self) -> None:
         # Own session: a terminal's Ctrl-C reaches only the launcher, which stops children in order.
-        self.process = subprocess.Popen(self.command, cwd=HERE, start_new_session=True)
+        self.process = subprocess.Popen(
+            self.command, cwd=HERE, start_new_session=True, pass_fds=self.pass_fds, env=self.env
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
 
     @property
     def exit_code(self) -> int | None:
         return self.process.poll() if self.process else None
 
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -74,14 +96,25 @@ class Launcher:
     def __init__(self, config: LaunchConfig) -> None:
         self.config = config
         self.stopping = False
-        run_dir = Path(tempfile.mkdtemp(prefix="tandem-"))
+        run_dir = Path(tempfile.mkdtemp(prefix="tandem-"))  # 0700: only this user reaches the sockets
         self.addresses = [f"ipc://{run_dir}/worker-{i}.sock" for i in range(config.num_workers)]
         self.workers = [Child(f"worker {i}", self._worker_command(a)) for i, a in enumerate(self.addresses)]
-        gateway = [sys.executable, "-m", "gateway", "--host", config.host, "--port", str(config.port)]
+        self.listener: socket.socket | None = None
+        self.metrics_dir: Path | None = None
+        env = dict(os.environ)
+        if config.num_gateways > 1:  # several processes: one metrics folder they all write and read
+            self.metrics_dir = run_dir / "metrics"
+            self.metrics_dir.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
+        names = ["gateway"] if config.num_gateways == 1 else [f"gateway {i}" for i in range(config.num_gateways)]
+        self.gateways = [Child(name, [], env=env) for name in names]
+
+    def _gateway_command(self, fd: int) -> list[str]:
+        command = [sys.executable, "-m", "gateway", "--host", self.config.host, "--port", str(self.config.port)]
         for address in self.addresses:
-            gateway += ["--worker", address]
-        gateway += ["--shutdown-grace", str(config.grace_period)]
-        self.gateway = Child("gateway", gateway + list(config.gateway_args))
+            command += ["--worker", address]
+        command += ["--fd", str(fd), "--shutdown-grace", str(self.config.grace_period)]
+        return command + ["--log-format", self.config.log_format, *self.config.gateway_args]
 
     def _worker_command(self, address: str) -> list[str]:
         command = [
@@ -97,7 +130,7 @@ class Launcher:
         ]
         if self.config.model:
             command += ["--model", self.config.model]
-        return command + list(self.config.worker_args)
+        return command + ["--log-format", self.config.log_format, *self.config.worker_args]
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,13 +140,29 @@ class Launcher:
                 worker.start()
                 if not self._wait_ready(worker, address):
                     return 0 if self.stopping else 1
-            self.gateway.start()
+            try:
+                self._start_gateways()
+            except OSError as exc:
+                logger.error("cannot listen on %s:%d: %s", self.config.host, self.config.port, exc.strerror)
+                return 1
             if not self._wait_http():
                 return 0 if self.stopping else 1
             logger.info("tandem is serving on http://%s:%d", self.config.host, self.config.port)
             return self._supervise()
         finally:
             self._shutdown()
+
+    def _start_gateways(self) -> None:
+        """The launcher opens the port and hands it down: several gateways share it, and a restarted gateway
+        finds the connections that queued meanwhile."""
+        host = self.config.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, self.config.port), family=family, backlog=2048)
+        self.listener.set_inheritable(True)
+        fd = self.listener.fileno()
+        for gateway in self.gateways:
+            gateway.command, gateway.pass_fds = self._gateway_command(fd), (fd,)
+            gateway.start()
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if not self.stopping:
@@ -156,11 +205,12 @@ class Launcher:
             f":{self.config.port}/health"
         )
         while not self.stopping:
-            if self.gateway.exit_code is not None:
-                logger.error("gateway exited with code %s while starting", self.gateway.exit_code)
-                return False
+            for gateway in self.gateways:
+                if gateway.exit_code is not None:
+                    logger.error("%s exited with code %s while starting", gateway.name, gateway.exit_code)
+                    return False
             try:
-                if httpx.get(url, timeout=1).status_code == 200:
+                if httpx.get(url, timeout=1).status_code in (200, 401):  # 401: serving, with --protect-health
                     return True
             except httpx.HTTPError:
                 pass
@@ -170,10 +220,12 @@ class Launcher:
     def _supervise(self) -> int:
         while not self.stopping:
             time.sleep(0.2)
-            for child in [*self.workers, self.gateway]:
+            for child in [*self.workers, *self.gateways]:
                 code = child.exit_code
                 if code is None or self.stopping:
                     continue
+                if child in self.gateways and self.metrics_dir and child.pid:
+                    multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # its live gauges go
                 if not self._restart(child, code):
                     return 1
         return 0
@@ -200,7 +252,12 @@ class Launcher:
         return True
 
     def _shutdown(self) -> None:
-        self.gateway.stop(timeout=self.config.grace_period + 5)  # uvicorn drains in-flight streams itself
+        if self.listener is not None:
+            self.listener.close()  # the gateways hold their own copies; once they close theirs, none is left
+        for gateway in self.gateways:
+            gateway.terminate()  # all at once: each drains its in-flight streams (uvicorn) in parallel
+        for gateway in self.gateways:
+            gateway.stop(timeout=self.config.grace_period + 5)
         for worker in self.workers:
             worker.stop(timeout=10)
 
@@ -222,8 +279,10 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (e.g. one per GPU)")
     parser.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get on shutdown")
     parser.add_argument("--max-restarts", type=int, default=5, help="worker crashes within 5 minutes before giving up")
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port")
     parser.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to each worker")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra flag passed to the gateway")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
     args = parser.parse_args(argv)
     return LaunchConfig(
         host=args.host,
@@ -236,13 +295,37 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         gateway_args=tuple(args.gateway_arg),
         grace_period=args.grace_period,
         max_restarts=args.max_restarts,
+        num_gateways=args.gateways,
+        log_format=args.log_format,
     )
 
 
+# -- CURVE keys ---------------------------------------------------------------------------------
+
+
+def keygen_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python launcher.py keygen", description=keygen.__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--force", action="store_true", help="replace keys that are already there")
+    args = parser.parse_args(argv)
+    if not keygen(args.directory, force=args.force):
+        logger.info("CURVE keys already in %s; kept them (--force replaces them)", args.directory)
+        return 0
+    d = args.directory
+    logger.info("CURVE keys written to %s", d)
+    logger.info("worker:  --curve-secret-key %s --curve-authorized-dir %s", d / "server.key_secret", d / "authorized")
+    logger.info("gateway: --curve-server-key %s --curve-client-key %s", d / "server.key", d / "client.key_secret")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per readiness poll
-    return Launcher(parse_args(argv)).run()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keygen"]:
+        logs.configure()
+        return keygen_main(argv[1:])
+    config = parse_args(argv)
+    logs.configure("info", config.log_format)
+    return Launcher(config).run()
 
 
 if __name__ == "__main__":

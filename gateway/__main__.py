@@ -7,49 +7,108 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import threading
 from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
 
 import uvicorn
+from starlette.applications import Starlette
 
+from gateway import logs
 from gateway.app import create_app
+from gateway.auth import read_key_file
 from gateway.config import GatewayConfig
+from gateway.curve import CurveKeys
+
+logger = logging.getLogger("gateway")
 
 
-def parse_args(argv: list[str] | None = None) -> GatewayConfig:
+def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.Namespace]:
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     parser.add_argument("--worker", action="append", dest="workers", help="ZeroMQ address of a worker (repeatable)")
     parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
-    parser.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
-    parser.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket (launcher)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
+    limits.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    limits.add_argument(
+        "--max-in-flight", type=int, default=None, help="generations at once in this process before 429/503"
+    )
+    limits.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
+    )
     parser.add_argument(
         "--reasoning-field",
         action="store_true",
         help="also send thinking as `reasoning` beside `reasoning_content` (OpenAI routes)",
     )
-    parser.add_argument(
-        "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
+    security = parser.add_argument_group("security")
+    security.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
+    security.add_argument(
+        "--api-key-file", action="append", default=[], type=Path, help="file of API keys, one per line (repeatable)"
     )
+    security.add_argument("--protect-health", action="store_true", help="/health* needs an API key too")
+    security.add_argument("--protect-metrics", action="store_true", help="/metrics and /stats need an API key too")
+    security.add_argument(
+        "--cors-origins", default=env("TANDEM_CORS_ORIGINS", ""), help="comma-separated origins allowed by CORS, or *"
+    )
+    security.add_argument("--curve-server-key", type=Path, help="the workers' CURVE public key file (server.key)")
+    security.add_argument("--curve-client-key", type=Path, help="this gateway's CURVE key (client.key_secret)")
+    parser.add_argument("--log-level", default=env("TANDEM_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
     args = parser.parse_args(argv)
+
+    keys = list(args.api_key)
+    if env("TANDEM_API_KEY_FILE"):
+        args.api_key_file.append(Path(env("TANDEM_API_KEY_FILE", "")))
+    try:
+        for path in args.api_key_file:
+            keys += read_key_file(path)
+        if (args.curve_server_key is None) != (args.curve_client_key is None):
+            raise ValueError("--curve-server-key and --curve-client-key go together")
+        if args.curve_server_key and args.curve_client_key:
+            CurveKeys.load(args.curve_server_key, args.curve_client_key)  # fail now, not in the lifespan
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     workers = tuple(args.workers or [env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock")])
-    return GatewayConfig(
+    metrics_dir = env("PROMETHEUS_MULTIPROC_DIR")  # prometheus-client itself reads it too, at import
+    config = GatewayConfig(
         workers=workers,
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout,
+        max_in_flight=args.max_in_flight,
         reasoning_field=args.reasoning_field,
         shutdown_grace=args.shutdown_grace,
+        api_keys=tuple(keys),
+        protect_health=args.protect_health,
+        protect_metrics=args.protect_metrics,
+        cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+        curve_server_key=args.curve_server_key,
+        curve_client_key=args.curve_client_key,
+        metrics_dir=Path(metrics_dir) if metrics_dir else None,
     )
+    return config, args
 
 
 class Server(uvicorn.Server):
-    """uvicorn re-raises SIGTERM after its graceful shutdown, so the process would die by the signal;
-    a clean drain should exit 0 instead."""
+    """uvicorn with two changes for SIGTERM: the app starts draining (new requests 503, see app.DrainGate) the
+    moment the signal lands, and a clean drain exits 0 (uvicorn re-raises the signal, dying by it)."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.http_app = app
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # tests run it in a thread
+            yield
+            return
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -57,18 +116,33 @@ class Server(uvicorn.Server):
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.http_app.state.draining:
+            grace = self.config.timeout_graceful_shutdown
+            logger.info("%s: draining; in-flight requests get %ss", signal.Signals(sig).name, grace)
+        self.http_app.state.draining = True
+        super().handle_exit(sig, frame)
 
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def serve(config: GatewayConfig, fd: int | None = None, log_level: str = "info") -> None:
+    app = create_app(config)
     uvicorn_config = uvicorn.Config(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
-        log_level="info",
-        timeout_graceful_shutdown=int(config.shutdown_grace),
+        log_config=None,  # our handlers (gateway.logs), text or JSON
+        log_level=log_level,
+        access_log=False,  # gateway.observe logs one richer line per request
+        timeout_graceful_shutdown=round(config.shutdown_grace),
     )
-    Server(uvicorn_config).run()
+    sockets = [socket.socket(fileno=fd)] if fd is not None else None
+    Server(uvicorn_config, app).run(sockets=sockets)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, args = parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    serve(config, args.fd, args.log_level)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The Starlette app: dialect routes, health, one error-handler map, and the worker pool in the lifespan."""
+"""The Starlette app: dialect routes, health, metrics, the middleware stack, one error-handler map, and the
+worker pool in the lifespan."""
 
 from __future__ import annotations
 
@@ -6,17 +7,26 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import ollama, openai
+from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, NotFound
-from gateway.workers import WorkerPool
+from gateway.curve import CurveKeys
+from gateway.errors import GatewayError, NotFound, Unavailable
+from gateway.metrics import Metrics, metrics_endpoint
+from gateway.observe import REQUEST_ID, Observe
+from gateway.stats import stats_endpoint
+from gateway.workers import WorkerConnection, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +35,13 @@ def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
+def render_error(path: str, exc: GatewayError) -> Response:
+    return openai.render_error(exc) if is_openai_path(path) else ollama.render_error(exc)
+
+
 async def render_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    if is_openai_path(request.url.path):
-        return openai.render_error(exc)
-    return ollama.render_error(exc)
+    return render_error(request.url.path, exc)
 
 
 async def render_http_exception(request: Request, exc: Exception) -> Response:
@@ -43,40 +55,82 @@ async def render_http_exception(request: Request, exc: Exception) -> Response:
     return await render_gateway_error(request, error)
 
 
-async def health(request: Request) -> Response:
-    pool: WorkerPool = request.app.state.pool
-    workers = [
-        {
-            "address": w.address,
-            "ready": w.is_ready,
-            "models": [m.name for m in w.info.models] if w.info else [],
-            "device": w.info.device if w.info else None,
-            "pid": w.info.pid if w.info else None,
-            "up_since": w.info.started_at if w.info else None,
-            "running": w.info.num_running if w.info else 0,
-            "waiting": w.info.num_waiting if w.info else 0,
-            "kv_cache_usage": round(w.info.kv_blocks_used / w.info.kv_blocks_total, 4)
-            if w.info and w.info.kv_blocks_total
-            else 0.0,
-            "in_flight": w.num_in_flight,
-        }
-        for w in pool.workers
-    ]
-    body = {
-        "status": "ok" if pool.is_ready else "starting",
-        "uptime_s": round(time.time() - request.app.state.started_at, 3),
-        "workers": workers,
+# -- health -------------------------------------------------------------------------------------
+
+
+def worker_view(worker: WorkerConnection) -> dict[str, Any]:
+    info = worker.info
+    kv_usage = info.kv_blocks_used / info.kv_blocks_total if info and info.kv_blocks_total else 0.0
+    return {
+        "address": worker.address,
+        "ready": worker.is_ready,
+        "models": [m.name for m in info.models] if info else [],
+        "device": info.device if info else None,
+        "pid": info.pid if info else None,
+        "up_since": info.started_at if info else None,
+        "uptime_s": round(time.time() - info.started_at, 3) if info else None,
+        "running": info.num_running if info else 0,
+        "waiting": info.num_waiting if info else 0,
+        "kv_cache_usage": round(kv_usage, 4),
+        "in_flight": worker.num_in_flight,
+        "restarts": worker.restarts,
     }
-    return JSONResponse(body, status_code=200 if pool.is_ready else 503)
+
+
+async def ready(request: Request) -> Response:
+    """Readiness (`/health`, `/health/ready`): 200 once a worker answers, 503 before and while draining."""
+    state = request.app.state
+    pool: WorkerPool = state.pool
+    status = "draining" if state.draining else "ok" if pool.is_ready else "starting"
+    body = {
+        "status": status,
+        "uptime_s": round(time.time() - state.started_at, 3),
+        "workers": [worker_view(w) for w in pool.workers],
+    }
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+
+async def live(request: Request) -> Response:
+    """Liveness: the process serves HTTP. Stays 200 while draining, so nothing kills it mid-drain."""
+    return JSONResponse({"status": "draining" if request.app.state.draining else "alive"})
+
+
+# -- draining -----------------------------------------------------------------------------------
+
+
+class DrainGate:
+    """After SIGTERM (`app.state.draining`, set by gateway.__main__.Server) a new request gets 503 in its
+    dialect's shape and `Connection: close`; requests already in flight are not touched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        draining = scope["type"] == "http" and scope["app"].state.draining
+        if not draining or is_open(path, HEALTH_PATHS + METRICS_PATHS):
+            await self.app(scope, receive, send)
+            return
+        error = Unavailable(
+            "The server is shutting down; retry shortly", headers={"Retry-After": "1", "Connection": "close"}
+        )
+        await render_error(path, error)(scope, receive, send)
 
 
 def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlette:
     """The whole HTTP surface. `pool` is injectable for tests; by default built from config.workers."""
+    metrics = Metrics(config.metrics_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.pool = pool or WorkerPool(list(config.workers))
+        curve = None
+        if config.curve_server_key and config.curve_client_key:
+            curve = CurveKeys.load(config.curve_server_key, config.curve_client_key)
+        app.state.pool = pool or WorkerPool(
+            list(config.workers), metrics=metrics, max_in_flight=config.max_in_flight, curve=curve
+        )
         app.state.config = config
+        app.state.metrics = metrics
         app.state.started_at = time.time()
         await app.state.pool.start()
         try:
@@ -85,12 +139,33 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
             await app.state.pool.close()
 
     routes = [
-        Route("/health", health, methods=["GET"]),
+        Route("/health", ready, methods=["GET"]),
+        Route("/health/ready", ready, methods=["GET"]),
+        Route("/health/live", live, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/stats", stats_endpoint, methods=["GET"]),
         *openai.routes(),
         *ollama.routes(),
     ]
-    return Starlette(
+    # Outermost first. CORS outside everything, so refusals carry its headers too and a browser can read them.
+    middleware = [Middleware(Observe, metrics=metrics, routes=routes), Middleware(DrainGate)]
+    if config.cors_origins:
+        cors = Middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID],
+        )
+        middleware.insert(0, cors)
+    if config.api_keys:
+        paths = open_paths(protect_health=config.protect_health, protect_metrics=config.protect_metrics)
+        middleware.append(Middleware(RequireKey, keys=config.api_keys, open_paths=paths, render=render_error))
+    app = Starlette(
         routes=routes,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={GatewayError: render_gateway_error, HTTPException: render_http_exception},
     )
+    app.state.draining = False
+    return app

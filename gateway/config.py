@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,14 @@ class GatewayConfig:
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024
     request_timeout: float | None = None  # seconds; past it the request is aborted in the worker
+    max_in_flight: int | None = None  # generations at once in this gateway process, over all workers
     reasoning_field: bool = False  # OpenAI: also emit thinking as `reasoning` beside `reasoning_content`
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    protect_health: bool = False  # /health* needs an API key too
+    protect_metrics: bool = False  # /metrics and /stats need an API key too
+    cors_origins: tuple[str, ...] = ()  # empty: no CORS headers at all
+    curve_server_key: Path | None = None  # the workers' CURVE public key (server.key)
+    curve_client_key: Path | None = None  # this gateway's CURVE keypair (client.key_secret)
+    metrics_dir: Path | None = None  # prometheus-client multiprocess directory, when several processes serve
     version: str = "0.1.0"

@@ -2,6 +2,7 @@
 
 One reader task per worker fans incoming events out to per-request queues. A worker that stops
 answering heartbeats, or comes back as a new instance, fails every request that was waiting on it.
+Every event of every request passes through `generate()`, so that is where the request metrics are taken.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from gateway.curve import CurveKeys
 from gateway.errors import (
     BadRequest,
     ContextLengthExceeded,
@@ -28,6 +30,7 @@ from gateway.errors import (
     ServerBusy,
     Unavailable,
 )
+from gateway.metrics import Metrics
 from worker.protocol import (
     Abort,
     Delta,
@@ -56,6 +59,13 @@ def model_key(name: str) -> str:
     return name.removesuffix(":latest")
 
 
+# What the connection monitor listens for: a dead worker, and a worker that refuses our CURVE key.
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
+
+
 @dataclass(eq=False)
 class WorkerConnection:
     address: str
@@ -63,6 +73,9 @@ class WorkerConnection:
     info: WorkerInfo | None = None
     last_seen: float = 0.0  # monotonic time of the last message from this worker
     queues: dict[int, asyncio.Queue[Event | WorkerGone]] = field(default_factory=dict)
+    instance: str = ""  # the last instance seen, kept while the worker is down, to count restarts
+    restarts: int = 0
+    refused: bool = False  # the last handshake failed (logged once, not once per reconnect)
 
     @property
     def is_ready(self) -> bool:
@@ -99,11 +112,19 @@ class WorkerPool:
         heartbeat_interval: float = 0.5,
         dead_after: float = 3.0,
         context: zmq.asyncio.Context | None = None,
+        metrics: Metrics | None = None,
+        max_in_flight: int | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.context = context or zmq.asyncio.Context()
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
+        self.metrics = metrics or Metrics()
+        self.max_in_flight = max_in_flight
+        self.curve = curve
         self.workers = [WorkerConnection(address, self._connect(address)) for address in addresses]
+        for worker in self.workers:
+            self.metrics.worker_down(worker.address)  # a series from the start: "down" is visible before "up"
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -112,6 +133,8 @@ class WorkerPool:
         socket.setsockopt(zmq.LINGER, 0)
         # Queue nothing for a worker that is not connected: a request must fail, not wait for a restart.
         socket.setsockopt(zmq.IMMEDIATE, 1)
+        if self.curve is not None:
+            self.curve.apply(socket)
         socket.connect(address)
         return socket
 
@@ -129,7 +152,7 @@ class WorkerPool:
                 await task
         for worker in self.workers:
             worker.fail_all("gateway shutting down")
-            worker.socket.close(linger=0)
+            worker.socket.close(linger=200)  # milliseconds for the last Aborts to leave
         self.context.term()
 
     # -- what the endpoints ask -------------------------------------------------------------
@@ -167,6 +190,7 @@ class WorkerPool:
         request = msgspec.structs.replace(request, id=next(self._ids))
         queue: asyncio.Queue[Event | WorkerGone] = asyncio.Queue()
         worker.queues[request.id] = queue
+        meter = self.metrics.meter(request.model)
         finished = False
         try:
             await worker.socket.send(encode(request))
@@ -174,16 +198,20 @@ class WorkerPool:
                 event = await queue.get()
                 if isinstance(event, WorkerGone):
                     finished = True
+                    meter.fail("worker_gone")
                     raise Unavailable(f"The model worker stopped while serving this request ({event})")
                 if isinstance(event, Failed):
                     finished = True
+                    meter.fail(event.code)
                     raise _error_for(event)
+                meter.observe(event)
                 if isinstance(event, Done):
                     finished = True
                 yield event
                 if finished:
                     return
         finally:
+            meter.close()
             worker.queues.pop(request.id, None)
             if not finished:
                 logger.info("request %d: abandoned before done; sending Abort", request.id)
@@ -195,6 +223,10 @@ class WorkerPool:
         if not candidates:
             self.find_model(model)  # raises the right error: not ready, or no such model
             raise Unavailable(f"No ready worker serves '{model}'")
+        if self.max_in_flight is not None and self.num_in_flight() >= self.max_in_flight:
+            raise ServerBusy(
+                f"Server is busy: {self.max_in_flight} requests in flight; retry shortly", headers={"Retry-After": "1"}
+            )
         open_ = [w for w in candidates if w.num_in_flight < w.capacity]
         if not open_:
             raise ServerBusy("Server is busy: too many requests in flight; retry shortly", headers={"Retry-After": "1"})
@@ -224,7 +256,17 @@ class WorkerPool:
         elif worker.info.instance != info.instance:
             worker.fail_all("worker restarted")
             logger.info("worker %s is a new instance now", worker.address)
+        if worker.instance and worker.instance != info.instance:
+            worker.restarts += 1
+            self.metrics.worker_restarts.labels(worker.address).set(worker.restarts)
+        worker.instance = info.instance
         worker.info = info
+        self.metrics.worker_info(worker.address, info)
+
+    def _mark_down(self, worker: WorkerConnection, reason: str) -> None:
+        worker.info = None
+        worker.fail_all(reason)
+        self.metrics.worker_down(worker.address)
 
     async def _heartbeat(self, worker: WorkerConnection) -> None:
         while True:
@@ -234,20 +276,24 @@ class WorkerPool:
             silent_for = time.monotonic() - worker.last_seen
             if worker.info is not None and silent_for > self.dead_after:
                 logger.warning("worker %s silent for %.1fs: marking it down", worker.address, silent_for)
-                worker.info = None
-                worker.fail_all("worker stopped answering")
+                self._mark_down(worker, "worker stopped answering")
 
     async def _watch(self, worker: WorkerConnection) -> None:
-        """A dropped connection means the worker process died: fail its requests now, not at the next beat."""
-        monitor = worker.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        """A dropped connection means the worker process died: fail its requests now, not at the next beat.
+        A failed handshake means the worker refused our CURVE key (or we have the wrong one for it)."""
+        monitor = worker.socket.get_monitor_socket(_WATCHED)
         try:
             while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_DISCONNECTED:
                     if worker.info is not None:
                         logger.warning("worker %s disconnected: marking it down", worker.address)
-                    worker.info = None
-                    worker.fail_all("worker disconnected")
+                    self._mark_down(worker, "worker disconnected")
+                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    worker.refused = False
+                elif event & _HANDSHAKE_FAILED and not worker.refused:
+                    worker.refused = True
+                    logger.error("worker %s: the security handshake failed; check the CURVE keys", worker.address)
         finally:
             worker.socket.disable_monitor()
             monitor.close(linger=0)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from gateway import logs  # stdlib-only log setup shared by all three processes
 from worker.engine import Engine, EngineConfig
 
 logger = logging.getLogger("worker")
@@ -53,15 +54,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="KV cache budget on a GPU, as a fraction of free memory after loading",
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on the context length")
+    parser.add_argument(
+        "--curve-secret-key",
+        type=Path,
+        default=env("TANDEM_CURVE_SECRET_KEY") or None,
+        help="CURVE: this worker's key file (server.key_secret from `launcher.py keygen`); use it over tcp://",
+    )
+    parser.add_argument(
+        "--curve-authorized-dir",
+        type=Path,
+        default=env("TANDEM_CURVE_AUTHORIZED_DIR") or None,
+        help="CURVE: folder of the gateways' public keys (*.key) allowed in",
+    )
     parser.add_argument("--log-level", default=env("TANDEM_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from worker.models import ModelLoadError, load_model  # after logging is set up: imports torch (slow)
+    logs.configure(args.log_level, args.log_format)
+    from worker.curve import ServerCurve
     from worker.server import WorkerServer
+
+    curve = None
+    if (args.curve_secret_key is None) != (args.curve_authorized_dir is None):
+        print("tandem worker: --curve-secret-key and --curve-authorized-dir go together", file=sys.stderr)
+        return 2
+    if args.curve_secret_key and args.curve_authorized_dir:
+        try:
+            curve = ServerCurve.load(args.curve_secret_key, args.curve_authorized_dir)
+        except (OSError, ValueError) as exc:
+            print(f"tandem worker: {exc}", file=sys.stderr)
+            return 2
+    from worker.models import ModelLoadError, load_model  # after logging is set up: imports torch (slow)
 
     started = time.monotonic()
     try:
@@ -77,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len,
     )
-    server = WorkerServer(Engine(loaded, config), args.bind)
+    server = WorkerServer(Engine(loaded, config), args.bind, curve)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     logger.info(

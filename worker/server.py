@@ -3,6 +3,9 @@
 The I/O thread decodes frames, answers Info heartbeats at once (even during a long step), and hands
 Generate/Abort to the engine through a queue; the engine sends its events back through an inproc socket.
 Socket I/O never waits on the model, and the model never waits on a slow socket.
+
+Between hosts (tcp://) the socket speaks CURVE: encrypted, and only gateways whose public key is in the
+authorized folder get in. Over ipc:// the socket file is readable by its owner only.
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-from worker.engine import Engine, Outgoing
+from worker.curve import ServerCurve
 from worker.protocol import Abort, Generate, Info, encode, to_worker_decoder
+
+if TYPE_CHECKING:  # the engine imports torch; this module stays light (tests serve a scripted engine)
+    from worker.engine import Engine, Outgoing
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +41,10 @@ Inbound = tuple[bytes, Generate | Abort | PeerGone]
 
 
 class WorkerServer:
-    def __init__(self, engine: Engine, bind: str) -> None:
+    def __init__(self, engine: Engine, bind: str, curve: ServerCurve | None = None) -> None:
         self.engine = engine
         self.bind = bind
+        self.curve = curve
         self.context = zmq.Context()
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.stopping = threading.Event()
@@ -46,15 +55,20 @@ class WorkerServer:
         """Serve until stop() is called. The engine loop fits on a screen."""
         io_thread = threading.Thread(target=self._serve_socket, name="worker-io", daemon=True)
         io_thread.start()
-        self._outbox_ready.wait()
+        while not self._outbox_ready.wait(0.1):
+            if not io_thread.is_alive():  # bind failed (address in use, bad key…): its error is logged
+                self.context.term()
+                raise RuntimeError(f"could not serve on {self.bind}")
         outbox = self.context.socket(zmq.PUSH)
         outbox.connect(OUTBOX)
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and io_thread.is_alive():
                 self._drain_inbox(outbox, block=not self.engine.has_work())  # 1) new requests, aborts
                 if self.engine.has_work():
                     self._send(outbox, self.engine.step())  # 2) schedule, run, send deltas
                     self.info = encode(self.engine.info())
+            if not self.stopping.is_set():
+                raise RuntimeError(f"the socket thread on {self.bind} stopped")
         finally:
             outbox.close(linger=1000)
             io_thread.join(timeout=2)
@@ -87,31 +101,52 @@ class WorkerServer:
         for peer, message in events:
             outbox.send_multipart([peer, encode(message)])
 
+    def _secure(self, router: zmq.Socket) -> ThreadAuthenticator | None:
+        """CURVE server on `router`, with a ZAP handler that checks each gateway's key; started before bind,
+        since a CURVE socket without a ZAP handler lets every key in."""
+        if self.curve is None:
+            if self.bind.startswith("tcp://"):
+                logger.warning("serving %s without CURVE: anyone who reaches the port can use the model", self.bind)
+            return None
+        authenticator = ThreadAuthenticator(self.context, log=logging.getLogger("worker.zap"))
+        authenticator.start()
+        authenticator.configure_curve_callback(domain="*", credentials_provider=self.curve)
+        router.curve_server = True
+        router.curve_publickey = self.curve.public
+        router.curve_secretkey = self.curve.secret
+        return authenticator
+
     def _serve_socket(self) -> None:
         router = self.context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished gateway raises instead of dropping
         router.setsockopt(zmq.SNDHWM, 0)  # never drop a token because one gateway reads slowly
-        router.bind(self.bind)
-        if self.bind.startswith("ipc://"):
-            os.chmod(self.bind.removeprefix("ipc://"), 0o600)  # only this user may talk to the model
         pull = self.context.socket(zmq.PULL)
-        pull.bind(OUTBOX)
-        self._outbox_ready.set()
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(pull, zmq.POLLIN)
-        logger.info("worker listening on %s", self.bind)
+        authenticator = None
         try:
+            authenticator = self._secure(router)
+            router.bind(self.bind)
+            if self.bind.startswith("ipc://"):
+                os.chmod(self.bind.removeprefix("ipc://"), 0o600)  # only this user may talk to the model
+            pull.bind(OUTBOX)
+            self._outbox_ready.set()
+            poller = zmq.Poller()
+            poller.register(router, zmq.POLLIN)
+            poller.register(pull, zmq.POLLIN)
+            logger.info("worker listening on %s", self.bind)
             while not self.stopping.is_set():
                 ready = dict(poller.poll(timeout=100))
                 if router in ready:
                     self._receive(router)
                 if pull in ready:
                     self._forward(router, pull)
+        except Exception:
+            logger.exception("the socket thread on %s failed", self.bind)  # run() sees it gone and stops
         finally:
             router.close(linger=0)
             pull.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
 
     def _receive(self, router: zmq.Socket) -> None:
         while True:

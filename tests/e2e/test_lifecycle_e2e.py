@@ -51,7 +51,7 @@ def test_disconnect_mid_stream_aborts_then_next_request_works(own_server: Server
             lines = response.iter_lines()
             for _ in range(3):
                 next(lines)
-            assert running(own_server) == 1
+            wait_until(lambda: running(own_server) == 1)  # /health's figures ride the 0.5 s heartbeat
         wait_until(lambda: running(own_server) == 0)  # the worker freed the sequence
     response = httpx.post(
         f"{own_server.base_url}/v1/chat/completions",
