@@ -1,4 +1,7 @@
-"""The Ollama dialect: /api/chat, /api/generate, /api/tags, /api/ps, /api/show, as Ollama clients expect them."""
+"""The Ollama dialect: /api/chat, /api/generate, /api/tags, /api/ps, /api/show, as Ollama clients expect them.
+
+Requests and their translation live in `ollama_requests`; this module renders answers and serves the endpoints.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +10,21 @@ import hashlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import msgspec
-from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.errors import BadRequest, GatewayError, ModelNotFound, ServerBusy
+from gateway.ollama_requests import (
+    ChatRequest,
+    GenerateRequest,
+    chat_decoder,
+    generate_decoder,
+    show_decoder,
+    to_generate,
+)
 from gateway.streaming import (
     Folded,
     Indexed,
@@ -27,161 +36,12 @@ from gateway.streaming import (
     stream,
 )
 from worker.protocol import (
-    ChatMessage,
     Delta,
     Done,
-    Generate,
     Logprob,
     ModelCard,
-    Penalty,
-    Probability,
-    SamplingParams,
-    Temperature,
     ToolCall,
-    ToolCallFunction,
 )
-
-# -- requests: unknown fields (and options such as num_ctx, repeat_last_n, mirostat) are ignored -------
-
-
-class Options(Struct, kw_only=True):
-    # Ollama's sampler defaults. repeat_penalty stays off: Ollama's 1.1 applies to the last 64 tokens only,
-    # the worker's penalty to the whole sequence.
-    temperature: Temperature = 0.8
-    top_p: Probability = 0.9
-    top_k: int = 40  # <= 0: off
-    min_p: Probability = 0.0
-    num_predict: int | None = None  # -1: unlimited, -2: fill the context; both "up to the context" here
-    seed: int | None = None  # < 0: random, as Ollama's -1
-    stop: str | list[str] | None = None
-    repeat_penalty: float | None = None  # <= 0: off
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-
-
-class FunctionCall(Struct):
-    name: str
-    arguments: dict[str, Any] = {}
-
-
-class MessageToolCall(Struct):
-    function: FunctionCall
-    id: str | None = None
-
-
-class Message(Struct):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
-    images: list[str] | None = None
-    thinking: str | None = None
-    tool_calls: list[MessageToolCall] | None = None
-    tool_name: str | None = None
-
-
-Think = bool | Literal["low", "medium", "high"]
-TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
-
-
-class Common(Struct, kw_only=True):
-    model: str
-    stream: bool = True  # Ollama streams unless told not to
-    format: Any = None
-    options: Options | None = None
-    think: Think | None = None
-    keep_alive: Any = None
-    logprobs: bool = False
-    top_logprobs: TopLogprobs | None = None
-
-
-class ChatRequest(Common, kw_only=True):
-    messages: list[Message] = []
-    tools: list[dict[str, Any]] | None = None
-
-
-class GenerateRequest(Common, kw_only=True):
-    prompt: str = ""
-    system: str = ""
-    raw: bool = False
-    suffix: str = ""
-    template: str = ""
-    images: list[str] | None = None
-    context: Any = None  # the old conversation-state tokens: accepted and ignored
-
-
-class ShowRequest(Struct):
-    model: str = ""
-    name: str = ""  # older clients
-
-
-_chat_decoder = msgspec.json.Decoder(ChatRequest)
-_generate_decoder = msgspec.json.Decoder(GenerateRequest)
-_show_decoder = msgspec.json.Decoder(ShowRequest)
-
-# -- translation --------------------------------------------------------------------------------
-
-
-def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard) -> Generate:
-    if body.format not in (None, ""):
-        raise BadRequest("format (structured outputs) is not supported yet")
-    if body.think and card.capabilities and "thinking" not in card.capabilities:
-        raise BadRequest(f'"{body.model}" does not support thinking')
-    template_kwargs = {"reasoning_effort": body.think} if isinstance(body.think, str) else {}
-    base = Generate(
-        id=0,
-        model=card.name,
-        params=_sampling(body.options or Options(), (body.top_logprobs or 0) if body.logprobs else None),
-        think=None if body.think is None else bool(body.think),
-        template_kwargs=template_kwargs,
-    )
-    if isinstance(body, ChatRequest):
-        if body.tools and card.capabilities and "tools" not in card.capabilities:
-            raise BadRequest(f'"{body.model}" does not support tools')
-        messages = [_message(m, i) for i, m in enumerate(body.messages)]
-        return msgspec.structs.replace(base, messages=messages, tools=body.tools)
-    if body.suffix:
-        raise BadRequest("suffix is not supported")
-    if body.template:
-        raise BadRequest("a per-request template is not supported")
-    if body.images:
-        raise BadRequest("images are not supported: the served models read text only")
-    if body.raw:
-        return msgspec.structs.replace(base, prompt=body.prompt)
-    system = [ChatMessage(role="system", content=body.system)] if body.system else []
-    return msgspec.structs.replace(base, messages=[*system, ChatMessage(role="user", content=body.prompt)])
-
-
-def _sampling(options: Options, logprobs: int | None) -> SamplingParams:
-    num_predict = options.num_predict
-    return SamplingParams(
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=max(options.top_k, 0),
-        min_p=options.min_p,
-        seed=options.seed if options.seed is not None and options.seed >= 0 else None,
-        repetition_penalty=options.repeat_penalty if options.repeat_penalty and options.repeat_penalty > 0 else 1.0,
-        presence_penalty=options.presence_penalty,
-        frequency_penalty=options.frequency_penalty,
-        max_tokens=num_predict if num_predict is not None and num_predict > 0 else None,
-        stop=[options.stop] if isinstance(options.stop, str) else list(options.stop or ()),
-        logprobs=logprobs,
-    )
-
-
-def _message(message: Message, index: int) -> ChatMessage:
-    if message.images:
-        raise BadRequest(f"messages[{index}].images: images are not supported: the served models read text only")
-    calls = [
-        ToolCall(function=ToolCallFunction(name=c.function.name, arguments=c.function.arguments), id=c.id)
-        for c in message.tool_calls or ()
-    ]
-    return ChatMessage(
-        role=message.role,
-        content=message.content or "",
-        name=message.tool_name,
-        tool_calls=calls or None,
-        reasoning=message.thinking,
-    )
-
 
 # -- rendering ----------------------------------------------------------------------------------
 
@@ -202,10 +62,17 @@ def render_logprobs(items: list[Logprob]) -> list[dict[str, Any]]:
     ]
 
 
+def render_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Ollama's shape: no id, arguments as an object (the worker parsed them)."""
+    return [{"function": {"name": call.function.name, "arguments": call.function.arguments or {}}} for call in calls]
+
+
 def chat_chunk(model: str, created_at: str, event: Delta) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": event.text}
     if event.reasoning:
         message["thinking"] = event.reasoning
+    if event.tool_calls:
+        message["tool_calls"] = render_tool_calls(event.tool_calls)
     chunk = {"model": model, "created_at": created_at, "message": message, "done": False}
     if event.logprobs:
         chunk["logprobs"] = render_logprobs(event.logprobs)
@@ -242,6 +109,8 @@ def chat_final(model: str, created_at: str, done: Done, total_ns: int, answer: F
     message: dict[str, Any] = {"role": "assistant", "content": answer.text if answer else ""}
     if answer and answer.reasoning:
         message["thinking"] = answer.reasoning
+    if answer and answer.tool_calls:
+        message["tool_calls"] = render_tool_calls(answer.tool_calls)
     final = {"model": model, "created_at": created_at, "message": message, **metrics(done, total_ns)}
     if answer and answer.logprobs:
         final["logprobs"] = render_logprobs(answer.logprobs)
@@ -364,7 +233,7 @@ async def _lines(events: AsyncIterator[Indexed], *, model: str, chat: bool, star
     async for _, event in events:
         if isinstance(event, Done):
             yield ndjson(final(model, timestamp(), event, time.perf_counter_ns() - started))
-        elif event.text or event.reasoning or event.logprobs:
+        elif event.text or event.reasoning or event.logprobs or event.tool_calls:
             yield ndjson(chunk(model, timestamp(), event))
 
 
@@ -395,13 +264,13 @@ async def _answer(request: Request, body: ChatRequest | GenerateRequest, started
 
 async def chat(request: Request) -> Response:
     started = time.perf_counter_ns()
-    body = await decode_body(request, _chat_decoder)
+    body = await decode_body(request, chat_decoder)
     return await _answer(request, body, started)
 
 
 async def generate(request: Request) -> Response:
     started = time.perf_counter_ns()
-    body = await decode_body(request, _generate_decoder)
+    body = await decode_body(request, generate_decoder)
     return await _answer(request, body, started)
 
 
@@ -423,7 +292,7 @@ async def ps(request: Request) -> Response:
 
 
 async def show_model(request: Request) -> Response:
-    body = await decode_body(request, _show_decoder)
+    body = await decode_body(request, show_decoder)
     if not (body.model or body.name):
         raise BadRequest("model is required")
     card = request.app.state.pool.find_model(body.model or body.name)

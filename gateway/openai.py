@@ -1,4 +1,7 @@
-"""The OpenAI dialect: /v1/chat/completions, /v1/completions and /v1/models, as the official SDK expects them."""
+"""The OpenAI dialect: /v1/chat/completions, /v1/completions and /v1/models, as the official SDK expects them.
+
+Requests and their translation live in `openai_requests`; this module renders answers and serves the endpoints.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,23 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any
 
 import msgspec
-from msgspec import Meta, Struct
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.errors import BadRequest, GatewayError
+from gateway.openai_requests import (
+    MAX_CHOICES,
+    Sampling,
+    chat_decoder,
+    completion_decoder,
+    for_choices,
+    text_to_generate,
+    to_generate,
+)
 from gateway.streaming import (
     SSE_DONE,
     Folded,
@@ -29,219 +40,9 @@ from gateway.streaming import (
     sse,
     stream,
 )
-from worker.protocol import (
-    ChatMessage,
-    Delta,
-    Done,
-    Generate,
-    Logprob,
-    ModelCard,
-    Penalty,
-    PositiveFloat,
-    Probability,
-    SamplingParams,
-    ToolCall,
-    ToolCallFunction,
-)
+from worker.protocol import Delta, Done, Logprob, ModelCard, ToolCall
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# -- requests: every optional field also takes null, as OpenAI's API does; unknown fields are ignored ----
-
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-MaxTokens = Annotated[int, Meta(ge=1)]
-Stop = str | Annotated[list[str], Meta(max_length=16)]  # OpenAI allows 4; vLLM and others more
-MAX_CHOICES = 16
-
-
-class StreamOptions(Struct):
-    include_usage: bool | None = None
-
-
-class Sampling(Struct, kw_only=True):
-    """What both completion endpoints take."""
-
-    model: str
-    max_tokens: MaxTokens | None = None
-    temperature: Temperature | None = None
-    top_p: Probability | None = None
-    n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
-    stop: Stop | None = None
-    seed: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
-    # vLLM's extras
-    top_k: Annotated[int, Meta(ge=-1)] | None = None  # -1 or 0: off
-    min_p: Probability | None = None
-    repetition_penalty: PositiveFloat | None = None
-    ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
-
-
-class ContentPart(Struct):
-    type: str
-    text: str | None = None
-
-
-class FunctionCall(Struct):
-    name: str
-    arguments: str = ""  # a JSON string, as OpenAI sends it
-
-
-class MessageToolCall(Struct):
-    function: FunctionCall
-    id: str | None = None
-    type: str = "function"
-
-
-class Message(Struct):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[MessageToolCall] | None = None
-    tool_call_id: str | None = None
-    reasoning_content: str | None = None  # earlier turns' thinking, as vLLM and DeepSeek name it
-    reasoning: str | None = None
-
-
-class ResponseFormat(Struct):
-    type: str = "text"
-
-
-class ChatCompletionRequest(Sampling, kw_only=True):
-    messages: Annotated[list[Message], Meta(min_length=1)]
-    max_completion_tokens: MaxTokens | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-
-
-class CompletionRequest(Sampling, kw_only=True):
-    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=MAX_CHOICES)]
-    max_tokens: MaxTokens | None = 16  # OpenAI's default here; an explicit null means "up to the context"
-    echo: bool | None = None
-    suffix: str | None = None
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
-    best_of: int | None = None
-
-
-_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
-_completion_decoder = msgspec.json.Decoder(CompletionRequest)
-
-# -- translation --------------------------------------------------------------------------------
-
-
-def to_generate(body: ChatCompletionRequest, card: ModelCard) -> Generate:
-    """A chat request as one Generate (choice 0; `for_choices` makes the rest)."""
-    if body.response_format is not None and body.response_format.type != "text":
-        raise BadRequest(f"response_format '{body.response_format.type}' is not supported yet", param="response_format")
-    if body.top_logprobs is not None and not body.logprobs:
-        raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    template_kwargs = dict(body.chat_template_kwargs or {})
-    think = template_kwargs.pop("enable_thinking", None)
-    if think is not None and not isinstance(think, bool):
-        raise BadRequest("chat_template_kwargs.enable_thinking must be a boolean", param="chat_template_kwargs")
-    if body.reasoning_effort is not None:
-        template_kwargs.setdefault("reasoning_effort", body.reasoning_effort)  # gpt-oss style templates read it
-    return Generate(
-        id=0,
-        model=card.name,
-        params=_sampling(
-            body,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None,
-        ),
-        messages=[_message(message, i) for i, message in enumerate(body.messages)],
-        tools=body.tools if body.tools and body.tool_choice != "none" else None,
-        think=think,
-        template_kwargs=template_kwargs,
-    )
-
-
-def text_to_generate(body: CompletionRequest, card: ModelCard, prompt: str) -> Generate:
-    """One prompt of a legacy completion request: the raw text, no chat template."""
-    if body.suffix:
-        raise BadRequest("suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != (body.n or 1):
-        raise BadRequest("best_of is not supported; use n", param="best_of")
-    return Generate(id=0, model=card.name, params=_sampling(body, body.max_tokens, body.logprobs), prompt=prompt)
-
-
-def for_choices(generate: Generate, n: int) -> list[Generate]:
-    """n independent samples; a seeded request gets seeds seed, seed+1, … so its choices differ."""
-    seed = generate.params.seed
-    if n == 1 or seed is None:
-        return [generate] * n
-    return [
-        msgspec.structs.replace(generate, params=msgspec.structs.replace(generate.params, seed=seed + i))
-        for i in range(n)
-    ]
-
-
-def _sampling(body: Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    return SamplingParams(
-        temperature=_or(body.temperature, 1.0),
-        top_p=_or(body.top_p, 1.0),
-        top_k=max(_or(body.top_k, 0), 0),
-        min_p=_or(body.min_p, 0.0),
-        seed=body.seed,
-        repetition_penalty=_or(body.repetition_penalty, 1.0),
-        presence_penalty=_or(body.presence_penalty, 0.0),
-        frequency_penalty=_or(body.frequency_penalty, 0.0),
-        logit_bias=_logit_bias(body.logit_bias),
-        max_tokens=max_tokens,
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or ()),
-        stop_token_ids=list(body.stop_token_ids or ()),
-        ignore_eos=bool(body.ignore_eos),
-        logprobs=logprobs,
-    )
-
-
-def _or(value: T | None, default: T) -> T:
-    return default if value is None else value
-
-
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    try:
-        return {int(token): value for token, value in (bias or {}).items()}
-    except ValueError:
-        raise BadRequest('logit_bias keys must be token ids, e.g. {"50256": -100}', param="logit_bias") from None
-
-
-def _message(message: Message, index: int) -> ChatMessage:
-    calls = [
-        ToolCall(function=ToolCallFunction(name=c.function.name, arguments=c.function.arguments), id=c.id, type=c.type)
-        for c in message.tool_calls or ()
-    ]
-    return ChatMessage(
-        role="system" if message.role == "developer" else message.role,
-        content=_text(message.content, f"messages[{index}].content"),
-        name=message.name,
-        tool_calls=calls or None,
-        tool_call_id=message.tool_call_id,
-        reasoning=message.reasoning_content or message.reasoning,
-    )
-
-
-def _text(content: str | list[ContentPart] | None, param: str) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    for part in content:
-        if part.type in ("image_url", "input_image"):
-            raise BadRequest("Image inputs are not supported: the served models read text only", param=param)
-        if part.type != "text":
-            raise BadRequest(f"Content parts of type '{part.type}' are not supported", param=param)
-    return "\n".join(part.text or "" for part in content)  # as vLLM joins text parts
-
 
 # -- rendering ----------------------------------------------------------------------------------
 
@@ -278,6 +79,7 @@ def chat_chunk(
 
 
 def chat_delta(event: Delta, reasoning_field: bool) -> dict[str, Any]:
+    """The text and thinking of one event; its tool calls go out as `tool_call_deltas`."""
     delta: dict[str, Any] = {}
     if event.reasoning:
         delta["reasoning_content"] = event.reasoning
@@ -286,6 +88,26 @@ def chat_delta(event: Delta, reasoning_field: bool) -> dict[str, Any]:
     if event.text:
         delta["content"] = event.text
     return delta
+
+
+def tool_call_deltas(calls: list[ToolCall], first_index: int) -> list[dict[str, Any]]:
+    """Each call as OpenAI streams one: a header (index, id, type, name), then the arguments string."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(calls, start=first_index):
+        function = {"name": call.function.name, "arguments": ""}
+        deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function", "function": function}]})
+        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": arguments(call)}}]})
+    return deltas
+
+
+def render_tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments(call)}}
+
+
+def arguments(call: ToolCall) -> str:
+    """OpenAI sends arguments as a JSON string; the worker parses them into an object."""
+    value = call.function.arguments
+    return value if isinstance(value, str) else msgspec.json.encode(value if value is not None else {}).decode()
 
 
 def chat_logprobs(items: list[Logprob]) -> dict[str, Any]:
@@ -305,11 +127,14 @@ def chat_completion(
     reply: Reply, choices: list[Folded], *, reasoning_field: bool = False, logprobs: bool = False
 ) -> dict[str, Any]:
     def message(choice: Folded) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": "assistant", "content": choice.text}
+        # An answer that is only tool calls has content null, as OpenAI sends it.
+        out: dict[str, Any] = {"role": "assistant", "content": choice.text or (None if choice.tool_calls else "")}
         if choice.reasoning:
             out["reasoning_content"] = choice.reasoning
             if reasoning_field:
                 out["reasoning"] = choice.reasoning
+        if choice.tool_calls:
+            out["tool_calls"] = [render_tool_call(call) for call in choice.tool_calls]
         return out
 
     return {
@@ -411,11 +236,11 @@ _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 async def _chat_chunks(
     events: AsyncIterator[Indexed], reply: Reply, *, per_prompt: int, reasoning_field: bool, logprobs: bool
 ) -> AsyncGenerator[bytes]:
-    started: set[int] = set()
+    num_calls: dict[int, int] = {}  # tool calls sent so far per choice: the next call's index
     dones: dict[int, Done] = {}
     async for index, event in events:
-        if index not in started:
-            started.add(index)
+        if index not in num_calls:
+            num_calls[index] = 0
             yield sse(chat_chunk(reply, index, {"role": "assistant", "content": ""}))
         if isinstance(event, Done):
             dones[index] = event
@@ -425,6 +250,9 @@ async def _chat_chunks(
         token_logprobs = chat_logprobs(event.logprobs) if logprobs and event.logprobs else None
         if delta or token_logprobs:
             yield sse(chat_chunk(reply, index, delta, logprobs=token_logprobs))
+        for call_delta in tool_call_deltas(event.tool_calls or [], num_calls[index]):
+            yield sse(chat_chunk(reply, index, call_delta))
+        num_calls[index] += len(event.tool_calls or ())
     if reply.include_usage:
         usage = render_usage([dones[i] for i in sorted(dones)], per_prompt=per_prompt)
         yield sse(usage_chunk(reply, "chat.completion.chunk", usage))
@@ -492,7 +320,7 @@ def _reply(prefix: str, body: Sampling, card: ModelCard, request: Request) -> Re
 
 @_with_request_id
 async def chat_completions(request: Request) -> Response:
-    body = await decode_body(request, _chat_decoder)
+    body = await decode_body(request, chat_decoder)
     pool, config = request.app.state.pool, request.app.state.config
     card = pool.find_model(body.model)
     requests = for_choices(to_generate(body, card), body.n or 1)
@@ -508,7 +336,7 @@ async def chat_completions(request: Request) -> Response:
 
 @_with_request_id
 async def completions(request: Request) -> Response:
-    body = await decode_body(request, _completion_decoder)
+    body = await decode_body(request, completion_decoder)
     pool, config = request.app.state.pool, request.app.state.config
     card = pool.find_model(body.model)
     prompts, n = [body.prompt] if isinstance(body.prompt, str) else body.prompt, body.n or 1

@@ -20,7 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.errors import BadRequest, ClientDisconnected, GatewayError, PayloadTooLarge, RequestTimeout
-from worker.protocol import Delta, Done, Generate, Logprob
+from worker.protocol import Delta, Done, Generate, Logprob, ToolCall
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,7 @@ class Folded:
     parts: list[str] = field(default_factory=list)
     reasoning_parts: list[str] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     done: Done | None = None
 
     @property
@@ -176,6 +177,7 @@ async def fold(events: AsyncIterator[Indexed], num_choices: int) -> list[Folded]
         choice.parts.append(event.text)
         choice.reasoning_parts.append(event.reasoning)
         choice.logprobs.extend(event.logprobs or ())
+        choice.tool_calls.extend(event.tool_calls or ())
     return choices
 
 

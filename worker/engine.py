@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from worker.detokenizer import IncrementalDetokenizer, ReasoningSplitter, StopMatcher, ToolCallParser
+from worker.grammar import GrammarError, Grammars, Matcher
 from worker.kv_blocks import BlockManager
 from worker.models import LoadedModel
 from worker.protocol import (
@@ -65,9 +66,17 @@ class RequestState:
     reasoning: ReasoningSplitter | None
     tools: ToolCallParser | None
     stop_token_ids: frozenset[int]
+    grammar: Matcher | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_tool_calls: int = 0
+
+    def constraint(self) -> Matcher | None:
+        """The grammar governs the answer: after the reasoning, where the prompt opened a think block."""
+        thinking = self.reasoning is not None and self.reasoning.inside
+        if self.grammar is None or (thinking and not self.grammar.num_accepted):
+            return None
+        return self.grammar
 
 
 class RequestError(Exception):
@@ -100,6 +109,7 @@ class Engine:
             max_step_tokens=config.max_step_tokens,
         )
         self.sampler = Sampler(len(self.tokenizer), loaded.eos_token_ids, loaded.device)
+        self.grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self.instance = uuid.uuid4().hex
         self.started_at = time.time()
         logger.info(
@@ -132,6 +142,8 @@ class Engine:
             self.scheduler.add(self._make_sequence(key, request, prompt_ids))
         except RequestError as exc:
             return [(peer, Failed(id=request.id, code=exc.code, message=exc.message))]  # type: ignore[arg-type]
+        except GrammarError as exc:
+            return [(peer, Failed(id=request.id, code="bad_request", message=str(exc)))]
         except QueueFull:
             return [(peer, Failed(id=request.id, code="busy", message="server busy, please try again"))]
         logger.debug("request %s: %d prompt tokens queued", key, len(prompt_ids))
@@ -191,9 +203,15 @@ class Engine:
         room = self.context_length - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
         reasoning = None
-        if "thinking" in self.card.capabilities and request.think is not False:
+        # A chat answer is split unless thinking is off; a raw prompt's continuation only when asked to (Ollama's
+        # raw generate with think), so /v1/completions gets back exactly the text the model wrote.
+        wants_split = request.think is not False if request.prompt is None else request.think is True
+        if "thinking" in self.card.capabilities and wants_split:
             prompt_tail = self.tokenizer.decode(prompt_ids[-8:])
             reasoning = ReasoningSplitter(starts_inside=prompt_tail.rstrip().endswith("<think>"))
+        grammar = self.grammars.matcher(request)
+        if grammar is not None and reasoning is not None and not reasoning.inside:
+            reasoning = None  # constrained from the first token: no think block can open
         state = RequestState(
             generate=request,
             sampling=SamplingState(params, self.sampler.make_generator(params.seed), prompt_ids, []),
@@ -202,6 +220,7 @@ class Engine:
             reasoning=reasoning,
             tools=ToolCallParser() if request.tools else None,
             stop_token_ids=frozenset(params.stop_token_ids),
+            grammar=grammar,
         )
         return Sequence(key, list(prompt_ids), len(prompt_ids), max_tokens, state=state)
 
@@ -226,9 +245,10 @@ class Engine:
         if not rows:
             return []
         finished_prefill: list[ScheduledChunk] = [chunks[i] for i in rows]
-        result = self.sampler.sample(  # 3) sample
-            logits[rows], [c.seq.state.sampling for c in finished_prefill]
-        )
+        states: list[RequestState] = [c.seq.state for c in finished_prefill]
+        logits = logits[rows]
+        self.grammars.mask(logits, [s.constraint() for s in states])  # 3) sample, within each request's grammar
+        result = self.sampler.sample(logits, [s.sampling for s in states])
         out: list[Outgoing] = []  # 4) postprocess: detokenize, stop, emit
         for i, chunk in enumerate(finished_prefill):
             choice = result.logprobs[i] if result.logprobs is not None else None
@@ -241,19 +261,24 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = now
         params = state.generate.params
+        grammar = state.constraint()  # before this token's text can end the reasoning
         text = ""
         if token in self.loaded.eos_token_ids and not params.ignore_eos:
-            state.finish_reason = "stop"
+            state.finish_reason, choice = "stop", None  # an end token is not output: no logprob for it either
         elif token in state.stop_token_ids:
-            state.finish_reason, state.stop_reason = "stop", token
+            state.finish_reason, state.stop_reason, choice = "stop", token, None
         else:
             seq.token_ids.append(token)
             state.sampling.output_ids.append(token)
+            if grammar is not None and not grammar.accept(token):
+                logger.warning("request %s: token %d is outside its grammar", seq.key, token)
             text, stop = state.stops.push(state.detokenizer.push(token))
             if stop is not None:
                 state.finish_reason, state.stop_reason = "stop", stop
             elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.context_length:
                 state.finish_reason = "length"
+            elif grammar is not None and grammar.is_completed and params.ignore_eos:
+                state.finish_reason = "stop"  # a whole match, and eos is masked: end while the output is valid
         if state.finish_reason is not None and not isinstance(state.stop_reason, str):
             # Ending without a stop string: a character still held by the detokenizer goes through the stop
             # matcher too, then whatever the matcher held back is real output.

@@ -64,11 +64,6 @@ class LoadedModel:
         template = self.tokenizer.chat_template or ""
         if not isinstance(template, str):  # some tokenizers carry a dict of named templates
             template = template.get("default", "") if isinstance(template, dict) else ""
-        capabilities = ["completion"]
-        if "tools" in template:
-            capabilities.append("tools")
-        if "enable_thinking" in template or "<think>" in template:
-            capabilities.append("thinking")
         return ModelCard(
             name=self.name,
             context_length=self.context_length,
@@ -78,10 +73,33 @@ class LoadedModel:
             quantization=self.quantization,
             dtype=str(self.dtype).removeprefix("torch."),
             chat_template=template,
-            capabilities=capabilities,
+            capabilities=template_capabilities(template),
             family=config.model_type,
             format=self.format,
         )
+
+
+def template_capabilities(template: str) -> list[str]:
+    """What a chat template supports, from the variables it reads (as Ollama reads `.Tools` and `.Think`).
+
+    "tools": the template renders the `tools` it is given. "thinking": it reads `enable_thinking` (Qwen3) or
+    writes think tags (DeepSeek-R1), so the engine splits <think>…</think> out of the answer.
+    """
+    import jinja2
+    import jinja2.meta
+
+    try:
+        environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])  # as transformers renders it
+        variables = jinja2.meta.find_undeclared_variables(environment.parse(template))
+    except jinja2.TemplateSyntaxError as exc:  # e.g. transformers' own {% generation %} tag
+        logger.debug("reading the chat template's variables failed (%s); looking for their names instead", exc)
+        variables = {name for name in ("tools", "enable_thinking") if re.search(rf"\b{name}\b", template)}
+    capabilities = ["completion"]
+    if "tools" in variables:
+        capabilities.append("tools")
+    if "enable_thinking" in variables or "<think>" in template or "</think>" in template:
+        capabilities.append("thinking")
+    return capabilities
 
 
 def default_model_path() -> Path:

@@ -38,6 +38,7 @@ class SamplingParams(Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # top-N alternatives per token
+    json_schema: str | None = None  # constrain the output to JSON this JSON Schema (as text) accepts; "{}": any
 
 
 class ToolCallFunction(Struct, omit_defaults=True):
@@ -62,6 +63,12 @@ class ChatMessage(Struct, omit_defaults=True):
     reasoning: str | None = None  # earlier turns' thinking, for templates that render it
 
 
+class ForcedToolCall(Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """The answer must be one tool call: to the function `name`, or to any of the request's tools when None."""
+
+    name: str | None = None
+
+
 class Generate(Struct, tag=True, omit_defaults=True):
     """Start one completion. Exactly one of `messages` (chat template applied) or `prompt` (raw)."""
 
@@ -71,6 +78,7 @@ class Generate(Struct, tag=True, omit_defaults=True):
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
     tools: list[dict[str, Any]] | None = None  # JSON schemas, passed to the chat template
+    force_tool_call: ForcedToolCall | None = None  # OpenAI tool_choice "required" or a named function
     think: bool | None = None  # None: the template's default
     template_kwargs: dict[str, Any] = {}  # extra chat-template variables (chat_template_kwargs)
     add_generation_prompt: bool = True

@@ -19,6 +19,7 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway import ollama as dialect
+from gateway import ollama_requests as requests
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -156,13 +157,13 @@ def ndjson_lines(response: httpx.Response) -> list[dict[str, Any]]:
     return [json.loads(line) for line in response.text.removesuffix("\n").split("\n")]
 
 
-def chat_request(**fields: Any) -> dialect.ChatRequest:
-    return msgspec.json.decode(json.dumps({"model": CARD.name, "messages": HI, **fields}), type=dialect.ChatRequest)
+def chat_request(**fields: Any) -> requests.ChatRequest:
+    return msgspec.json.decode(json.dumps({"model": CARD.name, "messages": HI, **fields}), type=requests.ChatRequest)
 
 
-def generate_request(**fields: Any) -> dialect.GenerateRequest:
+def generate_request(**fields: Any) -> requests.GenerateRequest:
     return msgspec.json.decode(
-        json.dumps({"model": CARD.name, "prompt": "Why?", **fields}), type=dialect.GenerateRequest
+        json.dumps({"model": CARD.name, "prompt": "Why?", **fields}), type=requests.GenerateRequest
     )
 
 
@@ -170,7 +171,7 @@ def generate_request(**fields: Any) -> dialect.GenerateRequest:
 
 
 def test_minimal_chat_uses_ollama_sampler_defaults() -> None:
-    assert dialect.to_generate(chat_request(), CARD) == Generate(
+    assert requests.to_generate(chat_request(), CARD) == Generate(
         id=0, model=CARD.name, params=OLLAMA_DEFAULTS, messages=[ChatMessage(role="user", content="hi")]
     )
 
@@ -212,7 +213,7 @@ def test_every_chat_field_maps_onto_generate() -> None:
         top_logprobs=2,
         stream=False,
     )
-    assert dialect.to_generate(body, CARD) == Generate(
+    assert requests.to_generate(body, CARD) == Generate(
         id=0,
         model=CARD.name,
         params=SamplingParams(
@@ -255,15 +256,15 @@ def test_every_chat_field_maps_onto_generate() -> None:
     ],
 )
 def test_num_predict(options: dict[str, Any], expected: int | None) -> None:
-    assert dialect.to_generate(chat_request(options=options), CARD).params.max_tokens == expected
+    assert requests.to_generate(chat_request(options=options), CARD).params.max_tokens == expected
 
 
 def test_option_edge_values() -> None:
-    params = dialect.to_generate(
+    params = requests.to_generate(
         chat_request(options={"seed": -1, "top_k": 0, "repeat_penalty": 0, "stop": "x"}), CARD
     ).params
     assert (params.seed, params.top_k, params.repetition_penalty, params.stop) == (None, 0, 1.0, ["x"])
-    assert dialect.to_generate(chat_request(options=None), CARD).params == OLLAMA_DEFAULTS
+    assert requests.to_generate(chat_request(options=None), CARD).params == OLLAMA_DEFAULTS
 
 
 @pytest.mark.parametrize(
@@ -278,18 +279,18 @@ def test_option_edge_values() -> None:
     ],
 )
 def test_think_levels(think: Any, expected: bool | None, kwargs: dict[str, Any]) -> None:
-    generate = dialect.to_generate(chat_request(think=think), CARD)
+    generate = requests.to_generate(chat_request(think=think), CARD)
     assert (generate.think, generate.template_kwargs) == (expected, kwargs)
 
 
 def test_generate_templated_and_raw() -> None:
-    assert dialect.to_generate(generate_request(system="Be brief.", context=[1, 2, 3]), CARD) == Generate(
+    assert requests.to_generate(generate_request(system="Be brief.", context=[1, 2, 3]), CARD) == Generate(
         id=0,
         model=CARD.name,
         params=OLLAMA_DEFAULTS,
         messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Why?")],
     )
-    raw = dialect.to_generate(generate_request(raw=True, system="ignored when raw"), CARD)
+    raw = requests.to_generate(generate_request(raw=True, system="ignored when raw"), CARD)
     assert (raw.prompt, raw.messages) == ("Why?", None)
 
 
@@ -300,8 +301,8 @@ def test_generate_templated_and_raw() -> None:
             chat_request(messages=[{"role": "user", "content": "x", "images": ["aGk="]}]),
             "messages[0].images: images are not supported: the served models read text only",
         ),
-        (chat_request(format="json"), "format (structured outputs) is not supported yet"),
-        (chat_request(format={"type": "object"}), "format (structured outputs) is not supported yet"),
+        (chat_request(format="yaml"), 'invalid format: "yaml"; expected "json" or a valid JSON Schema'),
+        (generate_request(format=[1]), 'invalid format: [1]; expected "json" or a valid JSON Schema'),
         (chat_request(think=True), '"SmolLM2-135M-Instruct" does not support thinking'),
         (generate_request(suffix="end"), "suffix is not supported"),
         (generate_request(images=["aGk="]), "images are not supported: the served models read text only"),
@@ -310,14 +311,31 @@ def test_generate_templated_and_raw() -> None:
 )
 def test_unsupported_inputs_are_clear_400s(body: Any, message: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        dialect.to_generate(body, msgspec.structs.replace(CARD, capabilities=["completion"]))
+        requests.to_generate(body, msgspec.structs.replace(CARD, capabilities=["completion"]))
     assert (caught.value.message, caught.value.status) == (message, 400)
+
+
+@pytest.mark.parametrize(
+    ("format_", "json_schema"),
+    [
+        (None, None),
+        ("", None),
+        ("json", '{"type":"object"}'),  # Ollama's JSON grammar: an object
+        (
+            {"type": "object", "properties": {"a": {"type": "integer"}}},
+            '{"type":"object","properties":{"a":{"type":"integer"}}}',
+        ),
+    ],
+)
+def test_format_becomes_a_json_schema(format_: Any, json_schema: str | None) -> None:
+    assert requests.to_generate(chat_request(format=format_), CARD).params.json_schema == json_schema
+    assert requests.to_generate(generate_request(format=format_), CARD).params.json_schema == json_schema
 
 
 def test_tools_need_the_capability() -> None:
     plain = msgspec.structs.replace(CARD, capabilities=["completion"])
     with pytest.raises(BadRequest, match="does not support tools"):
-        dialect.to_generate(chat_request(tools=[{"type": "function"}]), plain)
+        requests.to_generate(chat_request(tools=[{"type": "function"}]), plain)
 
 
 # -- renderers ----------------------------------------------------------------------------------
@@ -366,6 +384,26 @@ def test_chat_chunk_and_final() -> None:
         "message": {"role": "assistant", "content": "Hello", "thinking": "hm"},
         **METRICS,
         "done_reason": "length",
+    }
+
+
+CALL = ToolCall(id="call_1", function=ToolCallFunction(name="weather", arguments={"city": "Paris"}))
+OLLAMA_CALL = {"function": {"name": "weather", "arguments": {"city": "Paris"}}}
+
+
+def test_tool_calls_in_chunk_and_final() -> None:
+    assert dialect.chat_chunk("smol", AT, Delta(id=0, tool_calls=[CALL])) == {
+        "model": "smol",
+        "created_at": AT,
+        "message": {"role": "assistant", "content": "", "tool_calls": [OLLAMA_CALL]},
+        "done": False,
+    }
+    answer = Folded(tool_calls=[CALL], done=done(reason="tool_calls"))
+    assert dialect.chat_final("smol", AT, done(reason="tool_calls"), 4_000_000_000, answer) == {
+        "model": "smol",
+        "created_at": AT,
+        "message": {"role": "assistant", "content": "", "tool_calls": [OLLAMA_CALL]},
+        **METRICS,  # done_reason "stop", as Ollama ends a tool-call answer
     }
 
 
@@ -487,6 +525,7 @@ async def test_root_version_tags_ps_show() -> None:
     async with client_for(FakePool()) as client:
         root = await client.get("/")
         head = await client.head("/")
+        heads = [(await client.head(path)).status_code for path in ("/api/version", "/api/tags", "/api/ps")]
         version = await client.get("/api/version")
         tags = await client.get("/api/tags")
         ps = await client.get("/api/ps")
@@ -498,7 +537,7 @@ async def test_root_version_tags_ps_show() -> None:
         "Ollama is running",
         "text/plain; charset=utf-8",
     )
-    assert head.status_code == 200
+    assert head.status_code == 200 and heads == [200, 200, 200]
     assert version.json() == {"version": "0.9.1"}
     assert tags.json()["models"][0]["name"] == CARD.name and tags.json()["models"][0]["details"] == DETAILS
     assert ps.json()["models"][0]["context_length"] == 8192
@@ -663,3 +702,39 @@ async def test_official_client_raises_on_mid_stream_error() -> None:
         with pytest.raises(ollama.ResponseError, match="worker crashed"):
             async for _ in await client.chat(model=CARD.name, messages=HI, stream=True):
                 pass
+
+
+async def test_official_client_parses_tool_calls() -> None:
+    tools: Any = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    history: Any = [
+        *HI,
+        {"role": "assistant", "content": "", "tool_calls": [OLLAMA_CALL]},
+        {"role": "tool", "content": "sunny", "tool_name": "weather"},
+    ]
+    pool = FakePool([Delta(id=0, tool_calls=[CALL]), done(reason="tool_calls")])
+    async with sdk_for(pool) as client:
+        whole = await client.chat(model=CARD.name, messages=history, tools=tools)
+        parts = [part async for part in await client.chat(model=CARD.name, messages=HI, tools=tools, stream=True)]
+    assert whole.message.tool_calls is not None and whole.done_reason == "stop"
+    assert [(c.function.name, dict(c.function.arguments)) for c in whole.message.tool_calls] == [
+        ("weather", {"city": "Paris"})
+    ]
+    streamed = [c for part in parts for c in part.message.tool_calls or []]
+    assert [(c.function.name, dict(c.function.arguments)) for c in streamed] == [("weather", {"city": "Paris"})]
+    assert pool.requests[0].messages == [
+        ChatMessage(role="user", content="hi"),
+        ChatMessage(
+            role="assistant",
+            content="",
+            tool_calls=[ToolCall(function=ToolCallFunction(name="weather", arguments={"city": "Paris"}))],
+        ),
+        ChatMessage(role="tool", content="sunny", name="weather"),
+    ]
+
+
+async def test_format_reaches_the_worker() -> None:
+    pool = FakePool([Delta(id=0, text="{}"), done()])
+    async with sdk_for(pool) as client:
+        await client.chat(model=CARD.name, messages=HI, format="json")
+        await client.generate(model=CARD.name, prompt="Why?", format={"type": "object"})
+    assert [r.params.json_schema for r in pool.requests] == ['{"type":"object"}', '{"type":"object"}']

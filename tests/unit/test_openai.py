@@ -19,6 +19,7 @@ import pytest
 from starlette.applications import Starlette
 
 from gateway import openai as dialect
+from gateway import openai_requests as requests
 from gateway.app import create_app
 from gateway.config import GatewayConfig
 from gateway.errors import (
@@ -41,6 +42,7 @@ from worker.protocol import (
     ChatMessage,
     Delta,
     Done,
+    ForcedToolCall,
     Generate,
     Logprob,
     ModelCard,
@@ -153,15 +155,15 @@ def sse_payloads(response: httpx.Response) -> list[Any]:
     return payloads
 
 
-def chat_request(**fields: Any) -> dialect.ChatCompletionRequest:
+def chat_request(**fields: Any) -> requests.ChatCompletionRequest:
     return msgspec.json.decode(
-        json.dumps({"model": CARD.name, "messages": HI, **fields}), type=dialect.ChatCompletionRequest
+        json.dumps({"model": CARD.name, "messages": HI, **fields}), type=requests.ChatCompletionRequest
     )
 
 
-def completion_request(**fields: Any) -> dialect.CompletionRequest:
+def completion_request(**fields: Any) -> requests.CompletionRequest:
     return msgspec.json.decode(
-        json.dumps({"model": CARD.name, "prompt": "Once", **fields}), type=dialect.CompletionRequest
+        json.dumps({"model": CARD.name, "prompt": "Once", **fields}), type=requests.CompletionRequest
     )
 
 
@@ -169,7 +171,7 @@ def completion_request(**fields: Any) -> dialect.CompletionRequest:
 
 
 def test_minimal_chat_request_uses_openai_defaults() -> None:
-    assert dialect.to_generate(chat_request(), CARD) == Generate(
+    assert requests.to_generate(chat_request(), CARD) == Generate(
         id=0, model=CARD.name, params=SamplingParams(), messages=[ChatMessage(role="user", content="hi")]
     )
 
@@ -213,7 +215,7 @@ def test_every_chat_field_maps_onto_generate() -> None:
         parallel_tool_calls=True,
         metadata={"x": "y"},
     )
-    assert dialect.to_generate(body, CARD) == Generate(
+    assert requests.to_generate(body, CARD) == Generate(
         id=0,
         model=CARD.name,
         params=SamplingParams(
@@ -251,27 +253,92 @@ def test_every_chat_field_maps_onto_generate() -> None:
 
 def test_nulls_mean_defaults_as_in_openai() -> None:
     body = chat_request(temperature=None, top_p=None, stop=None, n=None, logprobs=None, stream=None, max_tokens=None)
-    assert dialect.to_generate(body, CARD).params == SamplingParams()
+    assert requests.to_generate(body, CARD).params == SamplingParams()
 
 
 def test_stop_string_or_list_and_logprobs_without_top() -> None:
-    assert dialect.to_generate(chat_request(stop="x"), CARD).params.stop == ["x"]
-    assert dialect.to_generate(chat_request(stop=["a", "b"]), CARD).params.stop == ["a", "b"]
-    assert dialect.to_generate(chat_request(logprobs=True), CARD).params.logprobs == 0
-    assert dialect.to_generate(chat_request(logprobs=False), CARD).params.logprobs is None
+    assert requests.to_generate(chat_request(stop="x"), CARD).params.stop == ["x"]
+    assert requests.to_generate(chat_request(stop=["a", "b"]), CARD).params.stop == ["a", "b"]
+    assert requests.to_generate(chat_request(logprobs=True), CARD).params.logprobs == 0
+    assert requests.to_generate(chat_request(logprobs=False), CARD).params.logprobs is None
 
 
-def test_tool_choice_none_sends_no_tools() -> None:
-    tools = [{"type": "function", "function": {"name": "f"}}]
-    assert dialect.to_generate(chat_request(tools=tools, tool_choice="none"), CARD).tools is None
-    assert dialect.to_generate(chat_request(tools=tools, tool_choice={"type": "function"}), CARD).tools == tools
+TOOLS = [
+    {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "g"}},
+]
+
+
+@pytest.mark.parametrize(
+    ("choice", "tools", "forced"),
+    [
+        (None, TOOLS, None),
+        ("auto", TOOLS, None),
+        ("none", None, None),  # the template never sees the tools
+        ("required", TOOLS, ForcedToolCall()),
+        ({"type": "function", "function": {"name": "g"}}, TOOLS, ForcedToolCall(name="g")),
+    ],
+)
+def test_tool_choice(choice: Any, tools: Any, forced: ForcedToolCall | None) -> None:
+    generate = requests.to_generate(chat_request(tools=TOOLS, tool_choice=choice), CARD)
+    assert (generate.tools, generate.force_tool_call) == (tools, forced)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"tool_choice": "required"},
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "h"}}},
+            "Invalid value for 'tool_choice': no function named 'h' was specified in the 'tools' parameter.",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": "always"},
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": …}}.',
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "allowed_tools"}},
+            "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": …}}.',
+        ),
+    ],
+)
+def test_bad_tool_choice_is_a_400(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        requests.to_generate(chat_request(**fields), CARD)
+    assert (caught.value.message, caught.value.param) == (message, "tool_choice")
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "json_schema"),
+    [
+        (None, None),
+        ({"type": "text"}, None),
+        ({"type": "json_object"}, '{"type":"object"}'),
+        (
+            {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}},
+            json.dumps(SCHEMA),
+        ),
+        ({"type": "json_schema", "json_schema": {"name": "anything"}}, "{}"),
+    ],
+)
+def test_response_format_becomes_a_json_schema(response_format: Any, json_schema: str | None) -> None:
+    params = requests.to_generate(chat_request(response_format=response_format), CARD).params
+    assert params.json_schema == (json_schema and json.dumps(json.loads(json_schema), separators=(",", ":")))
 
 
 def test_enable_thinking_false_and_user_reasoning_effort_wins() -> None:
     body = chat_request(
         chat_template_kwargs={"enable_thinking": False, "reasoning_effort": "high"}, reasoning_effort="low"
     )
-    generate = dialect.to_generate(body, CARD)
+    generate = requests.to_generate(body, CARD)
     assert generate.think is False and generate.template_kwargs == {"reasoning_effort": "high"}
 
 
@@ -289,13 +356,8 @@ def test_enable_thinking_false_and_user_reasoning_effort_wins() -> None:
             "messages[0].content",
         ),
         (
-            {"response_format": {"type": "json_object"}},
-            "response_format 'json_object' is not supported yet",
-            "response_format",
-        ),
-        (
             {"response_format": {"type": "json_schema"}},
-            "response_format 'json_schema' is not supported yet",
+            "Missing required parameter: 'response_format.json_schema'.",
             "response_format",
         ),
         ({"top_logprobs": 2}, "top_logprobs requires logprobs to be true", "top_logprobs"),
@@ -309,23 +371,23 @@ def test_enable_thinking_false_and_user_reasoning_effort_wins() -> None:
 )
 def test_unsupported_inputs_are_clear_400s(fields: dict[str, Any], message: str, param: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        dialect.to_generate(chat_request(**fields), CARD)
+        requests.to_generate(chat_request(**fields), CARD)
     assert (caught.value.message, caught.value.param, caught.value.status) == (message, param, 400)
 
 
 def test_choices_get_consecutive_seeds() -> None:
-    generate = dialect.to_generate(chat_request(seed=10), CARD)
-    assert [g.params.seed for g in dialect.for_choices(generate, 3)] == [10, 11, 12]
-    unseeded = dialect.to_generate(chat_request(), CARD)
-    assert dialect.for_choices(unseeded, 2) == [unseeded, unseeded]
+    generate = requests.to_generate(chat_request(seed=10), CARD)
+    assert [g.params.seed for g in requests.for_choices(generate, 3)] == [10, 11, 12]
+    unseeded = requests.to_generate(chat_request(), CARD)
+    assert requests.for_choices(unseeded, 2) == [unseeded, unseeded]
 
 
 def test_completion_request_is_a_raw_prompt_with_max_tokens_16() -> None:
-    assert dialect.text_to_generate(completion_request(), CARD, "Once") == Generate(
+    assert requests.text_to_generate(completion_request(), CARD, "Once") == Generate(
         id=0, model=CARD.name, params=SamplingParams(max_tokens=16), prompt="Once"
     )
     body = completion_request(max_tokens=None, logprobs=2, stop=["\n"], echo=True)
-    assert dialect.text_to_generate(body, CARD, "Once").params == SamplingParams(stop=["\n"], logprobs=2)
+    assert requests.text_to_generate(body, CARD, "Once").params == SamplingParams(stop=["\n"], logprobs=2)
 
 
 @pytest.mark.parametrize(
@@ -337,7 +399,7 @@ def test_completion_request_is_a_raw_prompt_with_max_tokens_16() -> None:
 )
 def test_completion_rejections(fields: dict[str, Any], message: str, param: str) -> None:
     with pytest.raises(BadRequest) as caught:
-        dialect.text_to_generate(completion_request(**fields), CARD, "Once")
+        requests.text_to_generate(completion_request(**fields), CARD, "Once")
     assert (caught.value.message, caught.value.param) == (message, param)
 
 
@@ -424,6 +486,51 @@ def test_chat_completion_object() -> None:
         "logprobs": None,
         "finish_reason": "stop",
     }
+
+
+CALL = ToolCall(id="call_1", function=ToolCallFunction(name="weather", arguments={"city": "Paris"}))
+
+
+def test_tool_calls_in_the_chat_completion_object() -> None:
+    answer = Folded(tool_calls=[CALL], done=done(reason="tool_calls"))
+    assert dialect.chat_completion(REPLY, [answer])["choices"] == [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,  # only tool calls: null, as OpenAI sends it
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city":"Paris"}'},
+                    }
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+    ]
+    with_text = Folded(parts=["Let me look."], tool_calls=[CALL], done=done(reason="tool_calls"))
+    assert dialect.chat_completion(REPLY, [with_text])["choices"][0]["message"]["content"] == "Let me look."
+
+
+def test_tool_call_stream_fragments() -> None:
+    second = ToolCall(id="call_2", function=ToolCallFunction(name="time", arguments={}))
+    assert dialect.tool_call_deltas([CALL, second], first_index=3) == [
+        {
+            "tool_calls": [
+                {"index": 3, "id": "call_1", "type": "function", "function": {"name": "weather", "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": 3, "function": {"arguments": '{"city":"Paris"}'}}]},
+        {
+            "tool_calls": [
+                {"index": 4, "id": "call_2", "type": "function", "function": {"name": "time", "arguments": ""}}
+            ]
+        },
+        {"tool_calls": [{"index": 4, "function": {"arguments": "{}"}}]},
+    ]
 
 
 def test_usage_counts_each_prompt_once() -> None:
@@ -863,3 +970,78 @@ async def test_disconnect_while_the_client_is_not_reading_aborts() -> None:
         await asyncio.wait_for(app(scope, receive, send), 5)
     assert not pool.hanging.is_set()  # it never got as far as the hang: the abort came from closing the body
     assert len(pool.aborted) == 1
+
+
+async def test_official_sdk_parses_tool_calls_whole_and_streamed() -> None:
+    tools: Any = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    pool = FakePool([Delta(id=0, tool_calls=[CALL]), done(reason="tool_calls")])
+    async with sdk_for(pool) as sdk:
+        completion = await sdk.chat.completions.create(
+            model=CARD.name,
+            messages=HI,  # type: ignore[arg-type]
+            tools=tools,
+            tool_choice="required",
+        )
+        chunks = [
+            c
+            async for c in await sdk.chat.completions.create(
+                model=CARD.name,
+                messages=HI,  # type: ignore[arg-type]
+                tools=tools,
+                stream=True,
+            )
+        ]
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.tool_calls is not None and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert (call.id, call.type, call.function.name) == ("call_1", "function", "weather")  # type: ignore[union-attr]
+    assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert pool.requests[0].force_tool_call == ForcedToolCall() and pool.requests[1].force_tool_call is None
+    # A client folds the fragments by index, as the SDK's own stream helpers do.
+    folded: dict[int, dict[str, str]] = {}
+    for chunk in chunks:
+        for fragment in chunk.choices[0].delta.tool_calls or []:
+            entry = folded.setdefault(fragment.index, {"id": "", "name": "", "arguments": ""})
+            entry["id"] += fragment.id or ""
+            entry["name"] += (fragment.function and fragment.function.name) or ""
+            entry["arguments"] += (fragment.function and fragment.function.arguments) or ""
+    assert folded == {0: {"id": "call_1", "name": "weather", "arguments": '{"city":"Paris"}'}}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+async def test_response_format_reaches_the_worker_and_bad_types_are_400() -> None:
+    pool = FakePool([Delta(id=0, text='{"city": "Paris"}'), done()])
+    schema = {"name": "city", "schema": SCHEMA, "strict": True}
+    async with client_for(pool) as client:
+        ok = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": CARD.name,
+                "messages": HI,
+                "response_format": {"type": "json_schema", "json_schema": schema},
+            },
+        )
+        bad = await client.post(
+            "/v1/chat/completions", json={"model": CARD.name, "messages": HI, "response_format": {"type": "xml"}}
+        )
+    assert ok.status_code == 200 and json.loads(ok.json()["choices"][0]["message"]["content"]) == {"city": "Paris"}
+    assert pool.requests[0].params.json_schema == msgspec.json.encode(SCHEMA).decode()
+    assert bad.status_code == 400 and bad.json()["error"] == {
+        "message": "Invalid enum value 'xml' - at `$.response_format.type`",
+        "type": "invalid_request_error",
+        "param": "response_format.type",
+        "code": None,
+    }
+
+
+async def test_x_request_id_is_echoed_or_made() -> None:
+    async with client_for(FakePool()) as client:
+        echoed = await client.post(
+            "/v1/chat/completions", json={"model": CARD.name, "messages": HI}, headers={"x-request-id": "req-42"}
+        )
+        made = await client.get("/v1/models")
+        failed = await client.get("/v1/models/nope", headers={"x-request-id": "req-43"})
+    assert echoed.headers["x-request-id"] == "req-42"
+    assert len(made.headers["x-request-id"]) == 32
+    assert failed.status_code == 404 and failed.headers["x-request-id"] == "req-43"
