@@ -50,6 +50,7 @@ class WorkerServer:
         self.stopping = threading.Event()
         self.info = encode(engine.info())  # the latest self-description, refreshed after every step
         self._outbox_ready = threading.Event()
+        self._unreachable: set[bytes] = set()  # gateways whose sends failed; touched by the I/O thread only
 
     def run(self) -> None:
         """Serve until stop() is called. The engine loop fits on a screen."""
@@ -158,6 +159,7 @@ class WorkerServer:
                 logger.warning("dropped a message of %d frames (expected 2)", len(frames))
                 continue
             peer, frame = frames
+            self._unreachable.discard(peer)  # it is back
             try:
                 message = to_worker_decoder.decode(frame)
             except msgspec.DecodeError as exc:
@@ -182,5 +184,7 @@ class WorkerServer:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            logger.warning("gateway %s unreachable: aborting its requests", peer.hex())
-            self.inbox.put((peer, PeerGone()))  # that gateway is gone: free its work
+            if peer not in self._unreachable:  # its queued events fail too: say it and free its work once
+                self._unreachable.add(peer)
+                logger.warning("gateway %s unreachable: aborting its requests", peer.hex())
+                self.inbox.put((peer, PeerGone()))
