@@ -33,6 +33,8 @@ def test_metrics_parse_and_move_with_traffic() -> None:
         httpx.post(f"{base}/api/chat", json=chat(stream=True))
         httpx.post(f"{base}/api/generate", json={"model": MODEL, "prompt": "fail", "raw": True})
         wait_until(lambda: gateway.metric("tandem:http_requests_total", endpoint="/api/generate") == 1)
+        # worker gauges come with the next heartbeat (every 0.5 s): wait for the one after the requests
+        wait_until(lambda: gateway.metric("tandem:num_requests_running") == 0)
         text = httpx.get(f"{base}/metrics").text
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert {"tandem:time_to_first_token_seconds", "tandem:num_requests_running", "tandem:worker_up"} <= set(families)
