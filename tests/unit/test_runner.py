@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
+from worker import runner as runner_module
 from worker.models import LoadedModel, load_model
 from worker.runner import ModelRunner, SeqChunk, UnsupportedModel
 
@@ -90,9 +91,11 @@ def test_prompt_prefilled_in_three_chunks(loaded: LoadedModel, runner: ModelRunn
         assert_matches(logits[0], reference[end - 1])
 
 
+@pytest.mark.parametrize("gather_bytes", [runner_module.CPU_DECODE_GATHER_BYTES, 1], ids=["one-group", "groups-of-1"])
 def test_batched_decode_of_sequences_with_different_lengths(
-    loaded: LoadedModel, runner: ModelRunner, blocks: list[int]
+    loaded: LoadedModel, runner: ModelRunner, blocks: list[int], gather_bytes: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(runner_module, "CPU_DECODE_GATHER_BYTES", gather_bytes)
     prompts = [tokens(loaded, text) for text in PROMPTS[:3]]
     assert len({len(ids) for ids in prompts}) == 3
     tables = [table(blocks, len(ids) + 2) for ids in prompts]
