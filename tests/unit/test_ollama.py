@@ -16,6 +16,7 @@ import httpx
 import msgspec
 import ollama
 import pytest
+from fake_pool import ScriptedPool, Step
 from starlette.applications import Starlette
 
 from gateway import ollama as dialect
@@ -33,7 +34,6 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.streaming import Folded
-from gateway.workers import model_key
 from worker.protocol import (
     ChatMessage,
     Delta,
@@ -75,7 +75,6 @@ def anyio_backend() -> str:
 
 # -- a scripted stand-in for WorkerPool ---------------------------------------------------------
 
-Step = Delta | Done | GatewayError | str  # "hang": wait until cancelled
 TIMINGS = Timings(queue=0.001, prefill=0.25, decode=1.5, load=2.0)
 
 
@@ -86,49 +85,11 @@ def done(prompt: int = 5, completion: int = 2, reason: str = "stop") -> Done:
 HELLO: list[Step] = [Delta(id=0, text="Hel"), Delta(id=0, text="lo"), done()]
 
 
-class FakePool:
-    """The WorkerPool methods the gateway calls, yielding scripted events and recording aborts."""
+class FakePool(ScriptedPool):
+    """The scripted pool serving this module's CARD, by default answering "Hello"."""
 
     def __init__(self, script: Callable[[Generate], list[Step]] | list[Step] = HELLO) -> None:
-        self.script = script if callable(script) else (lambda request: list(script))
-        self.requests: list[Generate] = []
-        self.aborted: list[Generate] = []
-        self.hanging = asyncio.Event()
-        self.workers: list[Any] = []
-        self.is_ready = True
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    def models(self) -> list[ModelCard]:
-        return [CARD]
-
-    def find_model(self, name: str) -> ModelCard:
-        if model_key(name) == model_key(CARD.name):
-            return CARD
-        raise ModelNotFound(name)
-
-    async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
-        self.requests.append(request)
-        finished = False
-        try:
-            for step in self.script(request):
-                if step == "hang":
-                    self.hanging.set()
-                    await asyncio.sleep(3600)
-                elif isinstance(step, GatewayError):
-                    finished = True
-                    raise step
-                else:
-                    assert isinstance(step, Delta | Done)
-                    finished = isinstance(step, Done)
-                    yield step
-        finally:
-            if not finished:
-                self.aborted.append(request)
+        super().__init__(CARD, script)
 
 
 @contextlib.asynccontextmanager
