@@ -326,10 +326,10 @@ class Engine:
 
     def _logprob(self, choice: Any) -> Logprob:
         token = self.tokenizer.decode([choice.token_id])
-        top = [
-            TokenLogprob(self.tokenizer.decode([t]), lp, list(self.tokenizer.decode([t]).encode()))
-            for t, lp in choice.top
-        ]
+        top = []
+        for token_id, logprob in choice.top:
+            text = self.tokenizer.decode([token_id])  # once per alternative, not once per field
+            top.append(TokenLogprob(text, logprob, list(text.encode())))
         return Logprob(token, choice.logprob, list(token.encode()), top)
 
     def _finish(self, seq: Sequence) -> Outgoing:
