@@ -29,6 +29,7 @@ test: lint
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[worker,bench]'
 	$(PY) bench/run.py
 
 clean:

@@ -72,7 +72,8 @@ def make_server(name: str, port: int, args: argparse.Namespace) -> Server:
     py, address = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
     if name == "tandem":
         worker = [f"--worker-arg={a}" for a in ("--max-running=64", *args.tandem_worker_arg)]
-        command = [py, str(ROOT / "launcher.py"), *address, "--dtype", "float32", "--grace-period", "5", *worker]
+        dtype = ["--dtype", args.tandem_dtype]  # auto: bf16 where the CPU has bf16 units, else fp32
+        command = [py, str(ROOT / "launcher.py"), *address, *dtype, "--grace-period", "5", *worker]
         return Server(name, command, TANDEM_MODEL)
     folder = str(args.model_dir or converted_model_dir())
     if name == "generate":
@@ -277,11 +278,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="OMP_NUM_THREADS for every server (0: leave unset, torch then takes one thread per core). 1 by default: "
-        "on this shared 2-core machine two OpenMP threads per server lose their cores to other tenants and every "
-        "server ran ~10x slower and erratic (measured); one thread each is stable and the same for all servers",
+        default=0,
+        help="OMP_NUM_THREADS for every server (0: leave unset, torch then takes one thread per core). On a quiet "
+        "2-core machine two threads are 1.2-1.5x faster per step than one (bench/step.py); on one shared with other "
+        "tenants two OpenMP threads lose their cores and every server ran ~10x slower and erratic: pass 1 there",
     )
+    parser.add_argument("--tandem-dtype", default="auto", help="tandem's --dtype (auto: its own choice)")
     parser.add_argument("--tandem-worker-arg", action="append", default=[], help="extra flag for tandem's worker")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds to load and answer a first request")
     parser.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -196,3 +197,19 @@ def test_unsupported_architecture_is_refused_clearly() -> None:
     model = SimpleNamespace(config=SimpleNamespace(model_type="gpt2"))
     with pytest.raises(UnsupportedModel, match="'gpt2' is not supported"):
         ModelRunner(model, device=torch.device("cpu"), dtype=torch.float32, num_blocks=4)  # type: ignore[arg-type]
+
+
+def test_bfloat16_runner_tracks_the_float32_model(loaded: LoadedModel, blocks: list[int]) -> None:
+    """bf16 (prepacked where oneDNN has bf16 kernels) cannot match fp32 to 1e-3; it must still predict the same."""
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    runner = ModelRunner(model, device=torch.device("cpu"), dtype=torch.bfloat16, num_blocks=NUM_BLOCKS)
+    for text in PROMPTS:
+        ids = tokens(loaded, text)
+        reference = hf_logits(loaded, ids)
+        block_table = table(blocks, len(ids))
+        prefill = runner.forward([SeqChunk(ids[:-1], 0, block_table)])[0]
+        decode = runner.forward([SeqChunk(ids[-1:], len(ids) - 1, block_table)])[0]
+        for ours, theirs in ((prefill, reference[-2]), (decode, reference[-1])):
+            assert ours.dtype == torch.float32
+            assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.99
+            assert ours.argmax() == theirs.argmax()
