@@ -41,10 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-running", type=int, default=defaults.max_running, help="sequences decoding at once")
     parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before 'busy'")
     parser.add_argument(
-        "--max-step-tokens",
+        "--max-prefill-tokens",
         type=int,
-        default=defaults.max_step_tokens,
-        help="tokens per model step (prefill chunk bound)",
+        default=defaults.max_prefill_tokens,
+        help="prompt tokens per model step, beside one token per decoding stream (chunked prefill bound)",
     )
     parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes, help="KV cache budget on CPU")
     parser.add_argument(
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(
         max_running=args.max_running,
         max_waiting=args.max_waiting,
-        max_step_tokens=args.max_step_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len,

@@ -48,7 +48,7 @@ Outgoing = tuple[bytes, ToGateway]  # (gateway peer, message)
 class EngineConfig:
     max_running: int = 64
     max_waiting: int = 256
-    max_step_tokens: int = 512  # bounds one step's time: a long prompt is prefilled in chunks of this
+    max_prefill_tokens: int = 256  # prompt tokens per step, beside the decodes: bounds how long a step stalls streams
     block_size: int = 16
     kv_cache_bytes: int = 2 << 30  # on CPU
     kv_cache_fraction: float = 0.85  # on a GPU: of the memory free after loading the weights
@@ -106,7 +106,7 @@ class Engine:
             self.blocks,
             max_running=config.max_running,
             max_waiting=config.max_waiting,
-            max_step_tokens=config.max_step_tokens,
+            max_prefill_tokens=config.max_prefill_tokens,
         )
         self.sampler = Sampler(len(self.tokenizer), loaded.eos_token_ids, loaded.device)
         self.grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)

@@ -1,8 +1,10 @@
 """Which sequences run in the next step, and how many tokens each. No torch, so decisions test in milliseconds.
 
 Order of service each step: sequences already decoding (one token each, never starved), then prompts
-part-way through a chunked prefill, then new prompts from the queue — all within a token budget that
-bounds how long one step may take, so a long prompt never freezes the streams already running.
+part-way through a chunked prefill, then new prompts from the queue. The prompt tokens of one step are
+bounded (`max_prefill_tokens`), so a long prompt never freezes the streams already running. Decode tokens
+do not count against that bound: when 64 streams decode, a shared budget left too little room for the
+prompts of the requests that replace finished ones, and time to first token grew to 10 s (bench/run.py).
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, *, max_running: int, max_waiting: int, max_step_tokens: int) -> None:
-        assert max_running > 0 and max_step_tokens > 0
+    def __init__(self, blocks: BlockManager, *, max_running: int, max_waiting: int, max_prefill_tokens: int) -> None:
+        assert max_running > 0 and max_prefill_tokens > 0
         self.blocks = blocks
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.max_step_tokens = max_step_tokens
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self.num_preemptions = 0
@@ -64,12 +66,11 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledChunk]:
         """Pick this step's chunks and reserve their KV blocks."""
-        budget = self.max_step_tokens
+        budget = self.max_prefill_tokens  # prompt tokens only
         chunks: list[ScheduledChunk] = []
         for seq in list(self.running):  # 1) decoding: one token each, preempting the newest if blocks run out
             if seq.status is Status.RUNNING and not seq.is_prefilling and self._make_room(seq):
                 chunks.append(self._reserve(seq, 1))
-                budget -= 1
         for seq in list(self.running):  # 2) prompts part-way through a chunked prefill
             if budget > 0 and seq.is_prefilling:
                 n = self._fit(seq, min(seq.num_uncomputed, budget))

@@ -24,7 +24,7 @@ def run_step(scheduler: Scheduler, next_token: int = 7) -> list[ScheduledChunk]:
 
 
 def test_new_requests_join_the_running_batch_at_the_next_step() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_running=8, max_waiting=8, max_step_tokens=64)
+    scheduler = Scheduler(BlockManager(64, 4), max_running=8, max_waiting=8, max_prefill_tokens=64)
     a = make_seq(1, list(range(10)))
     scheduler.add(a)
     assert [(c.seq, c.num_tokens) for c in run_step(scheduler)] == [(a, 10)]
@@ -37,23 +37,23 @@ def test_new_requests_join_the_running_batch_at_the_next_step() -> None:
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_decoders_keep_decoding() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_running=8, max_waiting=8, max_step_tokens=16)
+    scheduler = Scheduler(BlockManager(64, 4), max_running=8, max_waiting=8, max_prefill_tokens=16)
     short = make_seq(1, [1, 2, 3])
     scheduler.add(short)
     run_step(scheduler)
     long = make_seq(2, list(range(40)))
     scheduler.add(long)
-    sizes = []
-    for _ in range(3):  # 15 + 15 + 10 prompt tokens beside one decode token each
+    prompt_tokens = []
+    for _ in range(3):  # 16 + 16 + 8 prompt tokens, each step beside one decode token that does not count
         chunks = run_step(scheduler)
         assert chunks[0].seq is short and chunks[0].num_tokens == 1  # the stream never stalls
-        sizes.append(sum(c.num_tokens for c in chunks))
-        assert sizes[-1] <= 16
+        prompt_tokens.append(sum(c.num_tokens for c in chunks[1:]))
+    assert prompt_tokens == [16, 16, 8]
     assert long.num_computed == 40 and long.num_tokens == 41  # prefilled over 3 steps, then first token
 
 
 def test_max_running_and_max_waiting_limits() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_running=2, max_waiting=2, max_step_tokens=64)
+    scheduler = Scheduler(BlockManager(64, 4), max_running=2, max_waiting=2, max_prefill_tokens=64)
     seqs = [make_seq(i, [i, i + 1]) for i in range(4)]
     for seq in seqs[:2]:
         scheduler.add(seq)  # both fit free running slots, even before a step admits them
@@ -71,7 +71,7 @@ def test_max_running_and_max_waiting_limits() -> None:
 
 def test_abort_frees_blocks_at_once_waiting_or_running() -> None:
     blocks = BlockManager(16, 4)
-    scheduler = Scheduler(blocks, max_running=1, max_waiting=4, max_step_tokens=64)
+    scheduler = Scheduler(blocks, max_running=1, max_waiting=4, max_prefill_tokens=64)
     running, waiting = make_seq(1, list(range(9))), make_seq(2, list(range(5)))
     scheduler.add(running)
     scheduler.add(waiting)
@@ -86,7 +86,7 @@ def test_abort_frees_blocks_at_once_waiting_or_running() -> None:
 
 def test_out_of_blocks_preempts_the_newest_and_it_resumes_later() -> None:
     blocks = BlockManager(4, 4)  # 16 tokens in all
-    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_step_tokens=64)
+    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
     old, new = make_seq(1, list(range(7))), make_seq(2, list(range(50, 57)))
     scheduler.add(old)
     scheduler.add(new)
@@ -104,7 +104,7 @@ def test_out_of_blocks_preempts_the_newest_and_it_resumes_later() -> None:
 
 def test_a_prompt_that_shares_a_prefix_reuses_its_blocks() -> None:
     blocks = BlockManager(32, 4)
-    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_step_tokens=64)
+    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
     system = list(range(100, 112))  # 3 full blocks
     first = make_seq(1, system + [1, 2])
     scheduler.add(first)
@@ -119,7 +119,7 @@ def test_a_prompt_that_shares_a_prefix_reuses_its_blocks() -> None:
 
 def test_prefix_match_always_leaves_a_token_to_compute() -> None:
     blocks = BlockManager(32, 4)
-    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_step_tokens=64)
+    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
     prompt = list(range(8))  # exactly 2 blocks
     first = make_seq(1, prompt)
     scheduler.add(first)
@@ -147,7 +147,7 @@ def test_cached_block_is_not_reused_when_its_tokens_differ_despite_a_hash_match(
 
 def test_shared_blocks_are_freed_only_when_the_last_user_leaves() -> None:
     blocks = BlockManager(8, 2)
-    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_step_tokens=64)
+    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
     a = make_seq(1, [1, 2, 3, 4, 5])
     scheduler.add(a)
     run_step(scheduler)
@@ -162,7 +162,7 @@ def test_shared_blocks_are_freed_only_when_the_last_user_leaves() -> None:
 
 
 def test_requests_bound_for_free_running_slots_do_not_count_as_waiting() -> None:
-    scheduler = Scheduler(BlockManager(64, 4), max_running=2, max_waiting=0, max_step_tokens=64)
+    scheduler = Scheduler(BlockManager(64, 4), max_running=2, max_waiting=0, max_prefill_tokens=64)
     scheduler.add(make_seq(1, [1, 2]))
     scheduler.add(make_seq(2, [3, 4]))  # arrives before any step: still fits a running slot
     with pytest.raises(QueueFull):
