@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from worker.malloc import keep_freed_memory  # noqa: E402
 from worker.models import DTYPES, load_model  # noqa: E402
 from worker.runner import ModelRunner, SeqChunk  # noqa: E402
 
@@ -49,6 +50,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the worker does
     cache = Path.home() / ".cache" / "tandem"
     rows: dict[str, dict[str, float]] = {}
     for dtype in args.dtypes:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway import logs  # stdlib-only log setup shared by all three processes
 from worker.engine import Engine, EngineConfig
+from worker.malloc import keep_freed_memory
 
 logger = logging.getLogger("worker")
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tandem worker: {exc}", file=sys.stderr)
             return 2
     from worker.models import ModelLoadError, load_model  # after logging is set up: imports torch (slow)
+
+    keep_freed_memory()
 
     started = time.monotonic()
     try:

@@ -16,6 +16,7 @@ _GREEDY_EPS = 1e-5
 # A nucleus wider than the candidates widens to the second size, then to a full sort, for that row only.
 _CANDIDATES = (64, 1024)
 _NEG_INF = float("-inf")
+_DRAW_BLOCK = 256  # vocabulary entries per block of the two-level inverse CDF (Sampler.draw)
 
 
 @dataclass
@@ -296,13 +297,31 @@ class Sampler:
         """Inverse CDF: the position each row's uniform falls at in its cumulative weights.
 
         One uniform per row, where an exponential race (Gumbel-max, torch.multinomial) needs a random number per
-        weight: ~70 ms for [64, 49152] on CPU.
+        weight: ~70 ms for [64, 49152] on CPU. The CDF is taken in two levels, over blocks of the vocabulary and
+        then within the one block the uniform falls in, instead of over the whole row: 3 ms a step less at 16
+        rows of a 49k vocabulary (a full-row cumsum measured 2.8 ms in the worker).
         """
-        cdf = weights.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        # u * total may round up to total; stay strictly below it so the pick is always a weight > 0.
-        target = torch.minimum(uniform.unsqueeze(1) * total, torch.nextafter(total, cdf.new_zeros(1)))
-        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max_(weights.shape[1] - 1)
+        num_rows, width = weights.shape
+        size = _DRAW_BLOCK if width > _DRAW_BLOCK else width
+        padding = -width % size  # none for the usual vocabularies (multiples of 128): F.pad copies, 3 ms at [16, 49k]
+        blocks = (torch.nn.functional.pad(weights, (0, padding)) if padding else weights).reshape(num_rows, -1, size)
+        block_cdf = blocks.sum(dim=-1).cumsum(dim=-1)
+        target = torch.minimum(  # u * total may round up to total: stay below it, so the pick is a weight > 0
+            uniform.unsqueeze(1) * block_cdf[:, -1:], torch.nextafter(block_cdf[:, -1:], block_cdf.new_zeros(1))
+        )
+        block = Sampler._position(block_cdf, target)
+        before = block_cdf.gather(1, (block - 1).clamp_min(0)).masked_fill_(block == 0, 0.0)
+        inner = blocks.gather(1, block.unsqueeze(2).expand(-1, -1, size)).squeeze(1)
+        # target >= before (the same sums), and the block holds weight > 0 because its CDF entry rose past target.
+        offset = Sampler._position(inner.cumsum(dim=-1), target - before)
+        return (block * size + offset).squeeze(1).clamp_max_(width - 1)
+
+    @staticmethod
+    def _position(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """[R, 1] index of the first cdf entry above target: a weight > 0 while target is below the row's total."""
+        # Within a block, its own cumsum may round a hair below the block sum the target was measured against.
+        target = torch.minimum(target, torch.nextafter(cdf[:, -1:], cdf.new_zeros(1)))
+        return torch.searchsorted(cdf, target, right=True).clamp_max_(cdf.shape[1] - 1)
 
     @staticmethod
     def column(values: list[float], like: torch.Tensor) -> torch.Tensor:

@@ -300,3 +300,23 @@ def test_wide_nucleus_draws_from_the_whole_kept_set() -> None:
     assert kept[tokens].all()
     rank = logits[0].argsort(descending=True).argsort()  # 0 for the most likely token
     assert int(rank[tokens].max()) > 1024  # beyond every candidate size, so the full-row draw ran
+
+
+def test_two_level_draw_agrees_with_the_flat_inverse_cdf() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weights = torch.rand(64, 1000, generator=generator) ** 8  # 1000: not a multiple of the block size
+    weights[weights < 0.01] = 0.0  # whole runs of zeros, some blocks nearly empty
+    uniform = torch.rand(64, generator=generator)
+    uniform[:3] = torch.tensor([0.0, 1.0 - 2**-24, 0.5])
+    tokens = Sampler.draw(weights, uniform)
+    assert bool((weights.gather(1, tokens[:, None]) > 0).all())
+    cdf = weights.cumsum(dim=-1)
+    flat = torch.searchsorted(cdf, (uniform[:, None] * cdf[:, -1:]), right=True).squeeze(1)
+    assert int((tokens == flat).sum()) >= 62  # only a rounding hair at a boundary may tell them apart
+
+
+def test_two_level_draw_of_a_single_nonzero_weight() -> None:
+    weights = torch.zeros(2, 49152)
+    weights[0, 49151], weights[1, 0] = 1e-30, 3.0  # the last entry of the last block; the first of the first
+    for u in (0.0, 0.999999):
+        assert Sampler.draw(weights, torch.tensor([u, u])).tolist() == [49151, 0]
