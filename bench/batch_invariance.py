@@ -3,7 +3,7 @@
 Runs the real engine in-process: each prompt alone, then all prompts together in one batch (plus sampled
 neighbours), and counts prompts whose greedy output differs, and at which token it first diverged.
 
-    .venv/bin/python bench/batch_invariance.py --prompts 32 --max-tokens 64
+    .venv/bin/python bench/batch_invariance.py --prompts 32 --max-tokens 64 [--dtype float32]
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="auto", help="as the worker's --dtype")
     args = parser.parse_args()
-    loaded = load_model(None, cache_dir=Path.home() / ".cache" / "tandem")
+    loaded = load_model(None, dtype=args.dtype, cache_dir=Path.home() / ".cache" / "tandem")
     engine = Engine(loaded, EngineConfig(max_running=args.prompts, kv_cache_bytes=1 << 30))
     batch = requests(args.prompts, args.max_tokens)
     started = time.perf_counter()
@@ -72,7 +73,7 @@ def main() -> None:
         )
     print(
         f"{len(differ)} of {len(batch)} greedy outputs differ between batch of 1 and batch of {len(batch)} "
-        f"({args.max_tokens} tokens each; {time.perf_counter() - started:.0f}s)"
+        f"({args.max_tokens} tokens each, {loaded.dtype}; {time.perf_counter() - started:.0f}s)"
     )
 
 

@@ -47,6 +47,7 @@ class Workload:
     model: str
     max_tokens: int = 64
     prompt_words: int = DEFAULT_PROMPT_WORDS
+    system_words: int = 0  # > 0: every request starts with the same system message of this many words
     ignore_eos: bool = True  # send vLLM's `ignore_eos` so every request decodes exactly max_tokens
     temperature: float = 1.0
     extra_body: dict[str, Any] = field(default_factory=dict)  # server-specific fields, merged last
@@ -63,6 +64,7 @@ class RequestRecord:
     token_times: list[float] = field(default_factory=list)  # arrival of each content chunk
     output_tokens: int = 0  # from `usage` when the server sends it, else the content chunk count
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens the server says it served from its prefix cache
     usage_tokens: int | None = None
     saw_done: bool = False
     error: str | None = None
@@ -88,14 +90,21 @@ class LevelResult:
     itl_p95: float | None
     tpot_p50: float | None  # per request: (last token - first token) / (tokens - 1); blind to chunking
     mean_prompt_tokens: float | None
+    prefix_hit_rate: float | None  # cached prompt tokens over all prompt tokens, where the server reports them
     error_samples: list[str]
 
 
-def make_prompt(rng: random.Random, serial: int, words: int) -> list[dict[str, str]]:
-    """A distinct user message per request; no system message, so the template's default one is used."""
+def make_prompt(rng: random.Random, serial: int, words: int, system_words: int = 0) -> list[dict[str, str]]:
+    """A distinct user message per request, after a system message every request shares (the template's default
+    one when `system_words` is 0), as a chat UI's system prompt or an agent's instructions make."""
     notes = " ".join(rng.choice(WORDS) for _ in range(words))
     text = f"Note {serial}: {notes}.\n\nWrite a short story that uses the words in the note above."
-    return [{"role": "user", "content": text}]
+    messages = [{"role": "user", "content": text}]
+    if system_words:
+        shared = random.Random("system")  # the same text for every user and request
+        rules = " ".join(shared.choice(WORDS) for _ in range(system_words))
+        messages.insert(0, {"role": "system", "content": f"You are a storyteller. House vocabulary: {rules}."})
+    return messages
 
 
 def request_body(workload: Workload, messages: list[dict[str, str]]) -> dict[str, Any]:
@@ -138,6 +147,8 @@ async def stream_one(
             if chunk.get("usage"):
                 record.usage_tokens = chunk["usage"].get("completion_tokens")
                 record.prompt_tokens = chunk["usage"].get("prompt_tokens")
+                details = chunk["usage"].get("prompt_tokens_details") or {}
+                record.cached_tokens = details.get("cached_tokens")
     record.end = time.perf_counter() - clock
     record.output_tokens = record.usage_tokens if record.usage_tokens is not None else len(record.token_times)
 
@@ -158,7 +169,8 @@ async def user_loop(
         budget[0] -= 1
         record = RequestRecord(start=time.perf_counter() - clock)
         records.append(record)
-        body = request_body(workload, make_prompt(rng, user * 100_000 + serial, workload.prompt_words))
+        messages = make_prompt(rng, user * 100_000 + serial, workload.prompt_words, workload.system_words)
+        body = request_body(workload, messages)
         serial += 1
         try:
             await stream_one(client, workload, body, record, clock)
@@ -226,6 +238,7 @@ def summarize(
         if r.output_tokens > 1 and len(r.token_times) > 1
     ]
     prompts = [r.prompt_tokens for r in finished if r.prompt_tokens is not None]
+    cached = [(r.cached_tokens, r.prompt_tokens) for r in finished if r.cached_tokens is not None and r.prompt_tokens]
     all_tokens = sum(max(r.output_tokens, len(r.token_times)) for r in records)
     return LevelResult(
         concurrency=concurrency,
@@ -246,6 +259,7 @@ def summarize(
         itl_p95=percentile(gaps, 95),
         tpot_p50=percentile(tpots, 50),
         mean_prompt_tokens=sum(prompts) / len(prompts) if prompts else None,
+        prefix_hit_rate=sum(c for c, _ in cached) / sum(p for _, p in cached) if cached else None,
         error_samples=sorted({r.error for r in errored if r.error})[:5],
     )
 
@@ -286,6 +300,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="requests per level (ends a level early)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=DEFAULT_PROMPT_WORDS)
+    parser.add_argument("--system-words", type=int, default=0, help="words of a system message all requests share")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument(
         "--no-ignore-eos",
@@ -305,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         max_tokens=args.max_tokens,
         prompt_words=args.prompt_words,
+        system_words=args.system_words,
         ignore_eos=args.ignore_eos,
         temperature=args.temperature,
         extra_body=args.extra_body,

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +40,6 @@ from gateway.streaming import (
     stream,
 )
 from worker.protocol import Delta, Done, Logprob, ModelCard, ToolCall
-
-logger = logging.getLogger(__name__)
 
 # -- rendering ----------------------------------------------------------------------------------
 
@@ -285,26 +282,6 @@ async def _text_chunks(
 
 # -- endpoints ----------------------------------------------------------------------------------
 
-Endpoint = Callable[[Request], Awaitable[Response]]
-
-
-def _with_request_id(endpoint: Endpoint) -> Endpoint:
-    """Echo the client's x-request-id (or a new one) on every answer, errors included."""
-
-    @functools.wraps(endpoint)
-    async def wrapper(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id", "")[:200] or uuid.uuid4().hex
-        logger.debug("request %s: %s %s", request_id, request.method, request.url.path)
-        try:
-            response = await endpoint(request)
-        except GatewayError as exc:
-            logger.info("request %s: %d %s", request_id, exc.status, exc.message)
-            response = render_error(exc)
-        response.headers["x-request-id"] = request_id
-        return response
-
-    return wrapper
-
 
 def _reply(prefix: str, body: Sampling, card: ModelCard, request: Request) -> Reply:
     version = request.app.state.config.version
@@ -318,7 +295,6 @@ def _reply(prefix: str, body: Sampling, card: ModelCard, request: Request) -> Re
     )
 
 
-@_with_request_id
 async def chat_completions(request: Request) -> Response:
     body = await decode_body(request, chat_decoder)
     pool, config = request.app.state.pool, request.app.state.config
@@ -334,7 +310,6 @@ async def chat_completions(request: Request) -> Response:
     return JSONBody(chat_completion(reply, choices, **options))
 
 
-@_with_request_id
 async def completions(request: Request) -> Response:
     body = await decode_body(request, completion_decoder)
     pool, config = request.app.state.pool, request.app.state.config
@@ -364,7 +339,6 @@ def model_object(card: ModelCard, created: int) -> dict[str, Any]:
     }
 
 
-@_with_request_id
 async def list_models(request: Request) -> Response:
     created = int(request.app.state.started_at)
     return JSONBody(
@@ -372,7 +346,6 @@ async def list_models(request: Request) -> Response:
     )
 
 
-@_with_request_id
 async def get_model(request: Request) -> Response:
     card = request.app.state.pool.find_model(request.path_params["model"])
     return JSONBody(model_object(card, int(request.app.state.started_at)))

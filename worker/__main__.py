@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.max_prefill_tokens,
         help="prompt tokens per model step, beside one token per decoding stream (chunked prefill bound)",
     )
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full instead of reusing cached KV of a shared prefix (to measure its gain)",
+    )
     parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes, help="KV cache budget on CPU")
     parser.add_argument(
         "--kv-cache-fraction",
@@ -105,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len,
+        prefix_caching=args.prefix_caching,
     )
     server = WorkerServer(Engine(loaded, config), args.bind, curve)
     for sig in (signal.SIGTERM, signal.SIGINT):

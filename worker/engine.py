@@ -53,6 +53,7 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30  # on CPU
     kv_cache_fraction: float = 0.85  # on a GPU: of the memory free after loading the weights
     max_model_len: int | None = None  # cap on context length (default: the model's)
+    prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before
 
 
 @dataclass(eq=False)
@@ -101,7 +102,7 @@ class Engine:
         self.runner = ModelRunner(
             loaded.model, device=loaded.device, dtype=loaded.dtype, num_blocks=num_blocks, block_size=config.block_size
         )
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self.scheduler = Scheduler(
             self.blocks,
             max_running=config.max_running,
@@ -111,6 +112,7 @@ class Engine:
         self.sampler = Sampler(len(self.tokenizer), loaded.eos_token_ids, loaded.device)
         self.grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self.instance = uuid.uuid4().hex
+        self._unreported_load = loaded.load_seconds  # reported once, by the first request to finish
         self.started_at = time.time()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)",
@@ -341,6 +343,8 @@ class Engine:
         reason = state.finish_reason or "abort"
         if reason == "stop" and state.num_tool_calls:
             reason = "tool_calls"
+        # Ollama's load_duration is the load a request waited for: the model's load on a cold start, then ~0.
+        self._unreported_load, load = 0.0, self._unreported_load
         done = Done(
             id=seq.key[1],
             finish_reason=reason,  # type: ignore[arg-type]
@@ -349,7 +353,7 @@ class Engine:
                 queue=scheduled - seq.arrived_at,
                 prefill=first - scheduled,
                 decode=now - first,
-                load=self.loaded.load_seconds,
+                load=load,
             ),
             stop_reason=state.stop_reason,
         )

@@ -23,9 +23,10 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True) -> None:
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
+        self.prefix_caching = prefix_caching  # off: every prompt is computed in full (for comparison runs)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
         self.by_hash: dict[int, int] = {}
@@ -54,7 +55,7 @@ class BlockManager:
         """
         assert not seq.block_table and seq.num_computed == 0
         parent = 0
-        max_full = (seq.num_tokens - 1) // self.block_size
+        max_full = (seq.num_tokens - 1) // self.block_size if self.prefix_caching else 0
         for index in range(max_full):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = hash((parent, tokens))
@@ -63,6 +64,7 @@ class BlockManager:
                 break
             self._take(block_id)
             seq.block_table.append(block_id)
+            seq.block_hashes.append(key)
             parent = key
         seq.num_computed = seq.num_cached = len(seq.block_table) * self.block_size
         self.num_prefix_queries += seq.num_prompt_tokens
@@ -85,9 +87,10 @@ class BlockManager:
         """Hash the blocks that became full and computed in the last step, so later prompts can reuse them."""
         first = num_computed_before // self.block_size
         last = seq.num_computed // self.block_size
-        if first == last:
+        if first == last or not self.prefix_caching:
             return
-        parent = self._hash_of(seq, first - 1) if first > 0 else 0
+        assert len(seq.block_hashes) == first
+        parent = seq.block_hashes[-1] if first > 0 else 0
         for index in range(first, last):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = hash((parent, tokens))
@@ -95,6 +98,7 @@ class BlockManager:
             if block.hash is None and key not in self.by_hash:
                 block.hash, block.tokens = key, tokens
                 self.by_hash[key] = block.id
+            seq.block_hashes.append(key)
             parent = key
 
     def release(self, seq: Sequence) -> None:
@@ -106,19 +110,8 @@ class BlockManager:
                 self.free[block_id] = None
                 if block.hash is None:  # nothing worth keeping: hand it out before cached blocks
                     self.free.move_to_end(block_id, last=False)
-        seq.block_table = []
+        seq.block_table, seq.block_hashes = [], []
         seq.num_computed = 0
-
-    def _hash_of(self, seq: Sequence, index: int) -> int:
-        block = self.blocks[seq.block_table[index]]
-        if block.hash is not None and block.tokens == tuple(
-            seq.token_ids[index * self.block_size : (index + 1) * self.block_size]
-        ):
-            return block.hash
-        parent = 0
-        for i in range(index + 1):
-            parent = hash((parent, tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])))
-        return parent
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -136,7 +136,7 @@ class Timings(Struct, frozen=True):
     queue: float = 0.0  # arrival → first scheduled
     prefill: float = 0.0  # first scheduled → first token
     decode: float = 0.0  # first token → done
-    load: float = 0.0  # model load time, once per worker; reported for Ollama's load_duration
+    load: float = 0.0  # model load time, on the first request a worker finishes; Ollama's load_duration
 
 
 class Done(Struct, tag=True, omit_defaults=True):

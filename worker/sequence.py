@@ -27,6 +27,7 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose KV is in the cache
     num_cached: int = 0  # prompt tokens that came from the prefix cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-chain hash of each full, computed block
     arrived_at: float = field(default_factory=time.monotonic)
     scheduled_at: float | None = None
     first_token_at: float | None = None

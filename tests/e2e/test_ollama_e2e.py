@@ -51,6 +51,9 @@ def test_chat_not_streamed(client: ollama.Client, model: str) -> None:
         value = getattr(response, field)
         assert isinstance(value, int) and value >= 0, field
     assert response.eval_count and response.prompt_eval_count and response.prompt_eval_count > 10
+    # As in Ollama, only a request that waited for the model to load reports it; the model is loaded by now.
+    again = client.chat(model=model, messages=QUESTION, options={"temperature": 0, "num_predict": 2})
+    assert again.load_duration == 0
 
 
 def test_chat_streams_ndjson_by_default(server: Server, model: str) -> None:

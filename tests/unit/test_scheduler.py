@@ -117,6 +117,21 @@ def test_a_prompt_that_shares_a_prefix_reuses_its_blocks() -> None:
     assert blocks.num_prefix_hits == 12
 
 
+def test_without_prefix_caching_a_shared_prefix_is_computed_again() -> None:
+    blocks = BlockManager(32, 4, prefix_caching=False)
+    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
+    system = list(range(100, 112))
+    first = make_seq(1, system + [1, 2])
+    scheduler.add(first)
+    run_step(scheduler)
+    scheduler.finish(first)
+    second = make_seq(2, system + [3, 4, 5])
+    scheduler.add(second)
+    chunks = run_step(scheduler)
+    assert second.num_cached == 0 and chunks[0].num_tokens == 15
+    assert blocks.num_prefix_hits == 0 and not blocks.by_hash
+
+
 def test_prefix_match_always_leaves_a_token_to_compute() -> None:
     blocks = BlockManager(32, 4)
     scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
