@@ -54,9 +54,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="auto", help="as the worker's --dtype")
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt: the batched run then differs from the lone ones by batching alone",
+    )
     args = parser.parse_args()
     loaded = load_model(None, dtype=args.dtype, cache_dir=Path.home() / ".cache" / "tandem")
-    engine = Engine(loaded, EngineConfig(max_running=args.prompts, kv_cache_bytes=1 << 30))
+    config = EngineConfig(max_running=args.prompts, kv_cache_bytes=1 << 30, prefix_caching=args.prefix_caching)
+    engine = Engine(loaded, config)
     batch = requests(args.prompts, args.max_tokens)
     started = time.perf_counter()
     alone = {}
@@ -73,7 +80,8 @@ def main() -> None:
         )
     print(
         f"{len(differ)} of {len(batch)} greedy outputs differ between batch of 1 and batch of {len(batch)} "
-        f"({args.max_tokens} tokens each, {loaded.dtype}; {time.perf_counter() - started:.0f}s)"
+        f"({args.max_tokens} tokens each, {loaded.dtype}, prefix caching {'on' if args.prefix_caching else 'off'}; "
+        f"{time.perf_counter() - started:.0f}s)"
     )
 
 

@@ -238,6 +238,7 @@ class Engine:
                     c.seq.token_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
                     c.seq.num_computed,
                     c.seq.block_table,
+                    prompt=c.seq.num_computed < c.seq.num_prompt_tokens,
                 )
                 for c in chunks
             ]

@@ -20,6 +20,12 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # stay in the cache until attention reads them. Measured on a 2-core EPYC, whole steps of 64 sequences: 3x faster
 # at 1000 tokens of context, 10% at 200; no change for 16 sequences at 200.
 CPU_DECODE_GATHER_BYTES = 4 * 2**20
+
+# BLAS libraries switch to matrix-vector kernels for one row (MKL fp32: for up to two), which sum the inner
+# dimension in another order: a lone request's logits then differ from the same request's inside a batch,
+# and greedy output drifts (measured: 16 of 32 prompts over 64 tokens in bf16 on CPU). Padding to 4 rows keeps
+# every step on the matrix kernels, whose rows do not depend on each other; it costs nothing measurable.
+MIN_MATMUL_ROWS = 4
 # Rope types whose frequencies do not depend on the sequence length, so one cos/sin table serves every step.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -33,6 +39,10 @@ class SeqChunk:
     token_ids: list[int]  # tokens to run this step for one sequence (1 when decoding, many when prefilling)
     start_pos: int  # absolute position of token_ids[0]; KV for positions [0, start_pos) is already in the cache
     block_table: list[int]  # this sequence's KV block ids, covering positions [0, start_pos + len(token_ids))
+    # Prompt tokens take the prefill path even one at a time (the tail of a chunked or prefix-cached prompt):
+    # its attention rounds differently from the decode path's, and a prompt's logits must not depend on how
+    # the scheduler happened to split it, or greedy output would depend on the batch it shared.
+    prompt: bool = False
 
 
 class _Linear:
@@ -50,6 +60,14 @@ class _Linear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else None
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        rows = x.shape[0]
+        if rows < MIN_MATMUL_ROWS:  # see MIN_MATMUL_ROWS: same kernel, same rounding, whatever the batch
+            x = F.pad(x, (0, 0, 0, MIN_MATMUL_ROWS - rows))
+            residual = None if residual is None else F.pad(residual, (0, 0, 0, MIN_MATMUL_ROWS - rows))
+            return self._matmul(x, residual)[:rows]
+        return self._matmul(x, residual)
+
+    def _matmul(self, x: Tensor, residual: Tensor | None) -> Tensor:
         if self.packed is not None:
             if residual is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -102,7 +120,7 @@ class _Prefill:
     length: int
     context: int  # start_pos + length: how many cached positions it attends to
     blocks: Tensor | None  # block ids covering [0, context); None when there is no cached prefix
-    mask: Tensor | None  # [length, context] bool, causal shifted by start_pos; None with no prefix
+    mask: Tensor  # [length, context] bool: causal, shifted by start_pos
 
 
 @dataclass
@@ -290,44 +308,54 @@ class ModelRunner:
         batch = q.shape[0]
         shape = (batch, -1, self.num_kv_heads, self.head_dim)
         # Gathering whole blocks with index_select is several times faster than per-slot fancy indexing.
-        # [batch, kv_heads, context, head_dim], contiguous: the batched matmuls below then need no copies of their own.
         k = self.k_cache[index].index_select(0, group.blocks).view(shape)[:, : group.context].transpose(1, 2)
         v = self.v_cache[index].index_select(0, group.blocks).view(shape)[:, : group.context].transpose(1, 2)
         # The query heads sharing a KV head become that head's query rows: K and V are read once per group.
         q = q.view(batch, self.num_kv_heads, -1, self.head_dim)
-        # Two batched matmuls and a float32 softmax, not SDPA: for one query token per sequence, SDPA's flash kernel
-        # took 1.5x as long on CPU (bench/step.py, 16 sequences at 200 tokens: 445 vs 291 us a layer).
-        scores = torch.matmul(q, k.contiguous().transpose(-1, -2)).float().mul_(self.head_dim**-0.5)
-        if group.mask is not None:
-            scores.masked_fill_(~group.mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v.contiguous()).reshape(batch, -1)
+        return self._attend(q, k, v, group.mask).reshape(batch, -1)
 
     def _prefill_attention(self, index: int, q: Tensor, k: Tensor, v: Tensor, prefill: _Prefill) -> Tensor:
         rows = slice(prefill.start, prefill.start + prefill.length)
-        q = q[rows].transpose(0, 1).unsqueeze(0)
-        if prefill.blocks is None:  # a first chunk: plain causal attention over its own fresh K/V
+        if prefill.blocks is None:  # a first chunk attends to its own fresh K/V only
             k, v = k[rows], v[rows]
         else:  # a later chunk also attends to the prefix already in the cache
             shape = (-1, self.num_kv_heads, self.head_dim)
             k = self.k_cache[index].index_select(0, prefill.blocks).view(shape)[: prefill.context]
             v = self.v_cache[index].index_select(0, prefill.blocks).view(shape)[: prefill.context]
-        out = F.scaled_dot_product_attention(
-            q,
-            k.transpose(0, 1).unsqueeze(0),
-            v.transpose(0, 1).unsqueeze(0),
-            attn_mask=prefill.mask,
-            is_causal=prefill.mask is None,
-            enable_gqa=True,
-        )
-        return out[0].transpose(0, 1).reshape(prefill.length, -1)
+        # [kv_heads, length * group, head_dim]: each KV head's query rows are its heads at every position.
+        group = self.num_heads // self.num_kv_heads
+        q = q[rows].view(prefill.length, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
+        q = q.reshape(self.num_kv_heads, prefill.length * group, self.head_dim)
+        mask = prefill.mask.repeat_interleave(group, dim=0)  # rows in the same (position, head) order
+        out = self._attend(q, k.transpose(0, 1), v.transpose(0, 1), mask)
+        out = out.view(self.num_kv_heads, prefill.length, group, self.head_dim).transpose(0, 1)
+        return out.reshape(prefill.length, -1)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(d)) v over [..., rows, head_dim] queries and [..., context, head_dim] keys/values.
+
+        Two matmuls and a float32 softmax rather than SDPA, for both kinds of chunk: SDPA's flash kernel rounds a
+        row differently with the number of query rows and with is_causal against a mask, so a prompt prefilled in
+        one chunk or in two (as batch neighbours decide) gave different logits; and for one query token it was
+        1.5x slower on CPU (bench/step.py, 16 sequences at 200 tokens: 445 vs 291 us a layer).
+        """
+        rows = q.shape[-2]
+        if rows < MIN_MATMUL_ROWS:  # as in _Linear: keep the matrix kernel, whose rows are independent
+            q = F.pad(q, (0, 0, 0, MIN_MATMUL_ROWS - rows))
+        scores = torch.matmul(q, k.contiguous().transpose(-1, -2)).float().mul_(self.head_dim**-0.5)
+        if mask is not None:
+            if rows < MIN_MATMUL_ROWS and mask.shape[-2] == rows:
+                mask = F.pad(mask, (0, 0, 0, MIN_MATMUL_ROWS - rows), value=True)
+            scores.masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        return torch.matmul(probs, v.contiguous())[..., :rows, :]
 
     def _prepare(self, chunks: list[SeqChunk]) -> _Step:
         """Flatten the chunks, decode tokens first, into the index tensors every layer uses."""
-        decode = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) == 1]
-        prefill = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) > 1]
-        if len(decode) + len(prefill) != len(chunks):
+        if not all(chunk.token_ids for chunk in chunks):
             raise ValueError("a chunk has no tokens")
+        decode = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) == 1 and not chunk.prompt]
+        prefill = [i for i, chunk in enumerate(chunks) if len(chunk.token_ids) > 1 or chunk.prompt]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -383,11 +411,11 @@ class ModelRunner:
         for chunk in chunks:
             length = len(chunk.token_ids)
             context = chunk.start_pos + length
-            blocks = mask = None
+            blocks = None
             if chunk.start_pos:
                 blocks = self._tensor(chunk.block_table[: -(-context // self.block_size)])
-                query_pos = torch.arange(chunk.start_pos, context, device=self.device)
-                mask = torch.arange(context, device=self.device)[None, :] <= query_pos[:, None]
+            query_pos = torch.arange(chunk.start_pos, context, device=self.device)
+            mask = torch.arange(context, device=self.device)[None, :] <= query_pos[:, None]
             prefills.append(_Prefill(start=row, length=length, context=context, blocks=blocks, mask=mask))
             row += length
         return prefills

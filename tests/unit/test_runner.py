@@ -213,3 +213,35 @@ def test_bfloat16_runner_tracks_the_float32_model(loaded: LoadedModel, blocks: l
             assert ours.dtype == torch.float32
             assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.99
             assert ours.argmax() == theirs.argmax()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_same_logits_alone_and_among_any_neighbours(loaded: LoadedModel, dtype: torch.dtype) -> None:
+    """Bit for bit: greedy output must not depend on the batch, however the scheduler chunks and mixes it.
+
+    Alone: the prompt in one chunk, then decode steps of one row. Together: the prompt in three chunks (the last
+    a single prompt token) beside other prompts and decoders of other lengths, then decodes beside them.
+    """
+    model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
+    runner = ModelRunner(model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS)
+    free = list(range(NUM_BLOCKS))
+    ids, others = tokens(loaded, PROMPTS[0]), [tokens(loaded, text) for text in PROMPTS[1:]]
+    follow = [5, 77, 1234]  # tokens fed back after the prompt, the same in both runs
+
+    alone_table = table(free, len(ids) + len(follow))
+    alone = [runner.forward([SeqChunk(ids, 0, alone_table, prompt=True)])[0]]
+    for i, token in enumerate(follow):
+        alone.append(runner.forward([SeqChunk([token], len(ids) + i, alone_table)])[0])
+
+    mine, theirs = table(free, len(ids) + len(follow)), [table(free, len(o) + len(follow)) for o in others]
+    runner.forward([SeqChunk(o, 0, t, prompt=True) for o, t in zip(others[:2], theirs, strict=False)])
+    first = runner.forward([SeqChunk(ids[:17], 0, mine, prompt=True), SeqChunk(others[2], 0, theirs[2], prompt=True)])
+    decoders = [SeqChunk([9], len(o), t) for o, t in zip(others[:2], theirs, strict=False)]
+    runner.forward([*decoders, SeqChunk(ids[17:-1], 17, mine, prompt=True)])
+    together = [runner.forward([SeqChunk(ids[-1:], len(ids) - 1, mine, prompt=True), *decoders])[0]]
+    for i, token in enumerate(follow):
+        step = [SeqChunk([11], len(o) + 1 + i, t) for o, t in zip(others, theirs, strict=True)]
+        together.append(runner.forward([*step[:1], SeqChunk([token], len(ids) + i, mine), *step[1:]])[1])
+    assert first.shape[0] == 2
+    for position, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert torch.equal(a, b), f"position {len(ids) - 1 + position}: max diff {(a - b).abs().max().item()}"
