@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the engine imports torch; this module stays light (tests se
 logger = logging.getLogger(__name__)
 
 OUTBOX = "inproc://tandem-outbox"
+SEND_TIMEOUT_MS = 200  # how often a send to the I/O thread looks up whether that thread is still there
 
 
 @dataclass(frozen=True)
@@ -48,19 +49,24 @@ class WorkerServer:
         self.context = zmq.Context()
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.stopping = threading.Event()
+        self._io_thread = threading.Thread(target=self._serve_socket, name="worker-io", daemon=True)
         self.info = encode(engine.info())  # the latest self-description, refreshed after every step
         self._outbox_ready = threading.Event()
         self._unreachable: set[bytes] = set()  # gateways whose sends failed; touched by the I/O thread only
 
     def run(self) -> None:
         """Serve until stop() is called. The engine loop fits on a screen."""
-        io_thread = threading.Thread(target=self._serve_socket, name="worker-io", daemon=True)
+        io_thread = self._io_thread
         io_thread.start()
         while not self._outbox_ready.wait(0.1):
             if not io_thread.is_alive():  # bind failed (address in use, bad key…): its error is logged
                 self.context.term()
                 raise RuntimeError(f"could not serve on {self.bind}")
         outbox = self.context.socket(zmq.PUSH)
+        outbox.setsockopt(zmq.SNDHWM, 0)  # the I/O thread forwards as fast as the router takes them
+        # A PUSH with no peer blocks on send: once stop() lets the I/O thread close its end, a step's events
+        # would hang shutdown for good (seen: killed after 10 s when SIGTERM came mid-step at 64 streams).
+        outbox.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
         outbox.connect(OUTBOX)
         try:
             while not self.stopping.is_set() and io_thread.is_alive():
@@ -100,7 +106,13 @@ class WorkerServer:
 
     def _send(self, outbox: zmq.Socket, events: list[Outgoing]) -> None:
         for peer, message in events:
-            outbox.send_multipart([peer, encode(message)])
+            while True:
+                try:
+                    outbox.send_multipart([peer, encode(message)])
+                    break
+                except zmq.Again:  # only once the I/O thread has stopped reading: nothing left to send to
+                    if self.stopping.is_set() or not self._io_thread.is_alive():
+                        return
 
     def _secure(self, router: zmq.Socket) -> ThreadAuthenticator | None:
         """CURVE server on `router`, with a ZAP handler that checks each gateway's key; started before bind,
