@@ -171,11 +171,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         with torch.cuda.device(device):
             return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return torch.float32
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has_bf16() -> bool:
     """Without AVX512-BF16 or AMX, bf16 matmuls are emulated and several times slower than fp32."""
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -94,7 +94,7 @@ def test_auto_device_and_dtype_on_this_cpu() -> None:
         pytest.skip("this machine has a GPU")
     device = pick_device("auto")
     assert device == torch.device("cpu")
-    expected = torch.bfloat16 if models._cpu_has_bf16() else torch.float32  # fp32 unless AVX512-BF16 / AMX
+    expected = torch.bfloat16 if models.cpu_has_bf16() else torch.float32  # fp32 unless AVX512-BF16 / AMX
     assert pick_dtype("auto", device) == expected
 
 
