@@ -26,6 +26,7 @@ CPU_DECODE_GATHER_BYTES = 4 * 2**20
 # and greedy output drifts (measured: 16 of 32 prompts over 64 tokens in bf16 on CPU). Padding to 4 rows keeps
 # every step on the matrix kernels, whose rows do not depend on each other; it costs nothing measurable.
 MIN_MATMUL_ROWS = 4
+
 # Rope types whose frequencies do not depend on the sequence length, so one cos/sin table serves every step.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
