@@ -306,21 +306,23 @@ class Sampler:
         padding = -width % size  # none for the usual vocabularies (multiples of 128): F.pad copies, 3 ms at [16, 49k]
         blocks = (torch.nn.functional.pad(weights, (0, padding)) if padding else weights).reshape(num_rows, -1, size)
         block_cdf = blocks.sum(dim=-1).cumsum(dim=-1)
-        target = torch.minimum(  # u * total may round up to total: stay below it, so the pick is a weight > 0
-            uniform.unsqueeze(1) * block_cdf[:, -1:], torch.nextafter(block_cdf[:, -1:], block_cdf.new_zeros(1))
-        )
+        target = Sampler._below_total(block_cdf, uniform.unsqueeze(1) * block_cdf[:, -1:])
         block = Sampler._position(block_cdf, target)
         before = block_cdf.gather(1, (block - 1).clamp_min(0)).masked_fill_(block == 0, 0.0)
-        inner = blocks.gather(1, block.unsqueeze(2).expand(-1, -1, size)).squeeze(1)
-        # target >= before (the same sums), and the block holds weight > 0 because its CDF entry rose past target.
-        offset = Sampler._position(inner.cumsum(dim=-1), target - before)
+        inner_cdf = blocks.gather(1, block.unsqueeze(2).expand(-1, -1, size)).squeeze(1).cumsum(dim=-1)
+        # target >= before (the same sums), and the block holds weight > 0 because its CDF entry rose past target;
+        # its own cumsum may round a hair below the block sum the target was measured against, hence the clamp.
+        offset = Sampler._position(inner_cdf, Sampler._below_total(inner_cdf, target - before))
         return (block * size + offset).squeeze(1).clamp_max_(width - 1)
+
+    @staticmethod
+    def _below_total(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """target [R, 1] kept strictly below each row's total (u * total may round up to it)."""
+        return torch.minimum(target, torch.nextafter(cdf[:, -1:], cdf.new_zeros(1)))
 
     @staticmethod
     def _position(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """[R, 1] index of the first cdf entry above target: a weight > 0 while target is below the row's total."""
-        # Within a block, its own cumsum may round a hair below the block sum the target was measured against.
-        target = torch.minimum(target, torch.nextafter(cdf[:, -1:], cdf.new_zeros(1)))
         return torch.searchsorted(cdf, target, right=True).clamp_max_(cdf.shape[1] - 1)
 
     @staticmethod
