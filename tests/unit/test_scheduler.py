@@ -102,8 +102,9 @@ def test_out_of_blocks_preempts_the_newest_and_it_resumes_later() -> None:
     assert chunks[0].seq is new and new.status is Status.RUNNING
 
 
-def test_a_prompt_that_shares_a_prefix_reuses_its_blocks() -> None:
-    blocks = BlockManager(32, 4)
+@pytest.mark.parametrize(("prefix_caching", "cached"), [(True, 12), (False, 0)], ids=["cached", "caching-off"])
+def test_a_shared_prefix_reuses_its_blocks_unless_caching_is_off(prefix_caching: bool, cached: int) -> None:
+    blocks = BlockManager(32, 4, prefix_caching=prefix_caching)
     scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
     system = list(range(100, 112))  # 3 full blocks
     first = make_seq(1, system + [1, 2])
@@ -113,23 +114,9 @@ def test_a_prompt_that_shares_a_prefix_reuses_its_blocks() -> None:
     second = make_seq(2, system + [3, 4, 5])
     scheduler.add(second)
     chunks = run_step(scheduler)
-    assert second.num_cached == 12 and chunks[0].num_tokens == 3
-    assert blocks.num_prefix_hits == 12
-
-
-def test_without_prefix_caching_a_shared_prefix_is_computed_again() -> None:
-    blocks = BlockManager(32, 4, prefix_caching=False)
-    scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
-    system = list(range(100, 112))
-    first = make_seq(1, system + [1, 2])
-    scheduler.add(first)
-    run_step(scheduler)
-    scheduler.finish(first)
-    second = make_seq(2, system + [3, 4, 5])
-    scheduler.add(second)
-    chunks = run_step(scheduler)
-    assert second.num_cached == 0 and chunks[0].num_tokens == 15
-    assert blocks.num_prefix_hits == 0 and not blocks.by_hash
+    assert second.num_cached == cached and chunks[0].num_tokens == 15 - cached
+    assert blocks.num_prefix_hits == cached
+    assert bool(blocks.by_hash) is prefix_caching  # off: nothing is even registered
 
 
 def test_prefix_match_always_leaves_a_token_to_compute() -> None:
