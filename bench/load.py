@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import random
@@ -101,10 +102,15 @@ def make_prompt(rng: random.Random, serial: int, words: int, system_words: int =
     text = f"Note {serial}: {notes}.\n\nWrite a short story that uses the words in the note above."
     messages = [{"role": "user", "content": text}]
     if system_words:
-        shared = random.Random("system")  # the same text for every user and request
-        rules = " ".join(shared.choice(WORDS) for _ in range(system_words))
-        messages.insert(0, {"role": "system", "content": f"You are a storyteller. House vocabulary: {rules}."})
+        messages.insert(0, {"role": "system", "content": system_message(system_words)})
     return messages
+
+
+@functools.cache
+def system_message(words: int) -> str:
+    """The same text for every user and request, built once."""
+    shared = random.Random("system")
+    return f"You are a storyteller. House vocabulary: {' '.join(shared.choice(WORDS) for _ in range(words))}."
 
 
 def request_body(workload: Workload, messages: list[dict[str, str]]) -> dict[str, Any]:
