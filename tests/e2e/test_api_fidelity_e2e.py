@@ -252,9 +252,14 @@ def test_legacy_completions(client: openai.OpenAI, model: str) -> None:
 
 
 def test_ollama_generate_show_and_ps(ollama_client: ollama.Client, model: str) -> None:
-    generated = ollama_client.generate(model=model, prompt="What is the capital of France?", options={"num_predict": 8})
+    greedy = {"temperature": 0}  # Ollama samples at 0.8 by default: the model might end after any token
+    generated = ollama_client.generate(
+        model=model, prompt="What is the capital of France?", options={**greedy, "num_predict": 8}
+    )
     assert generated.done and generated.response and generated.eval_count
-    raw = ollama_client.generate(model=model, prompt="The capital of France is", raw=True, options={"num_predict": 4})
+    raw = ollama_client.generate(
+        model=model, prompt="The capital of France is", raw=True, options={**greedy, "num_predict": 4}
+    )
     assert raw.done and raw.eval_count == 4
     shown = ollama_client.show(model)
     assert shown.capabilities == ["completion"]  # the default template renders neither tools nor thinking
@@ -384,6 +389,7 @@ def test_tool_results_in_history(thinking_server: Server, thinking_client: opena
         messages=history,
         tools=[WEATHER_TOOL],
         max_tokens=8,
+        temperature=0,
         extra_body=NO_THINKING,  # type: ignore[list-item]
     )
     assert completion.choices[0].message.content and completion.choices[0].finish_reason in ("stop", "length")
@@ -397,6 +403,10 @@ def test_tool_results_in_history(thinking_server: Server, thinking_client: opena
         {"role": "tool", "content": "Sunny, 21 C", "tool_name": "get_weather"},
     ]
     answer = ollama.Client(host=thinking_server.base_url).chat(
-        model=thinking_model, messages=ollama_history, tools=[WEATHER_TOOL], think=False, options={"num_predict": 8}
+        model=thinking_model,
+        messages=ollama_history,
+        tools=[WEATHER_TOOL],
+        think=False,
+        options={"temperature": 0, "num_predict": 8},
     )
     assert answer.done and answer.message.content

@@ -79,7 +79,14 @@ def test_metrics_move_and_add_up_over_two_gateway_processes(guarded: Server) -> 
     before = scrape(guarded)
     for i in range(6):  # each on a new connection: the two processes share them
         path = "/v1/chat/completions" if i % 2 else "/api/chat"
-        body = {"model": model, "messages": HI, "stream": False, "max_tokens": 8, "options": {"num_predict": 8}}
+        body = {
+            "model": model,
+            "messages": HI,
+            "stream": False,
+            "max_tokens": 8,
+            "temperature": 0,  # greedy: every answer has at least one token
+            "options": {"num_predict": 8, "temperature": 0},
+        }
         assert httpx.post(guarded.base_url + path, json=body, headers=AUTH, timeout=60).status_code == 200
     after = scrape(guarded)  # any process answers, for both
 

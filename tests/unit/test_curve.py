@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import logging
 import stat
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from test_ops_harness import ScriptedEngine, chat, free_port, serve_gateway, serve_worker
+from test_ops_harness import ScriptedEngine, chat, free_port, serve_gateway, serve_worker, wait_until
 
 import launcher
 from worker.curve import ServerCurve, keygen
@@ -50,15 +49,17 @@ def test_only_a_gateway_with_an_authorized_key_gets_in(tmp_path: Path, caplog: p
         with serve_gateway(address, **good) as gateway:
             gateway.wait_ready()
             answer = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat())
-        strangers = [
-            {"curve_server_key": keys / "server.key", "curve_client_key": other / "client.key_secret"},
-            {"curve_server_key": other / "server.key", "curve_client_key": keys / "client.key_secret"},
-            {},  # plain text
+        strangers = [  # (config, whether the gateway sees its handshake fail; plain text just never connects)
+            ({"curve_server_key": keys / "server.key", "curve_client_key": other / "client.key_secret"}, True),
+            ({"curve_server_key": other / "server.key", "curve_client_key": keys / "client.key_secret"}, True),
+            ({}, False),
         ]
         refused = []
-        for config in strangers:
+        for config, fails_handshake in strangers:
+            seen = len(handshake_failures(caplog))
             with serve_gateway(address, **config) as gateway:
-                time.sleep(1.0)  # a dozen reconnects, each refused
+                if fails_handshake:  # it tried, and was refused
+                    wait_until(lambda seen=seen: len(handshake_failures(caplog)) > seen)  # type: ignore[misc]
                 health = httpx.get(f"{gateway.base_url}/health")
                 request = httpx.post(f"{gateway.base_url}/v1/chat/completions", json=chat())
                 refused.append((health.status_code, request.status_code))
@@ -67,5 +68,9 @@ def test_only_a_gateway_with_an_authorized_key_gets_in(tmp_path: Path, caplog: p
     assert len(engine.received) == 1
     unknown_key = [r for r in caplog.records if r.getMessage().startswith("refused a connection with an unknown")]
     assert len(unknown_key) == 1 and unknown_key[0].levelno == logging.WARNING  # once, not once per retry
-    handshake = [r for r in caplog.records if "security handshake failed" in r.getMessage()]
+    handshake = handshake_failures(caplog)
     assert handshake and all(r.levelno == logging.ERROR for r in handshake)
+
+
+def handshake_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "security handshake failed" in r.getMessage()]

