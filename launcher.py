@@ -27,9 +27,9 @@ import httpx
 import zmq
 from prometheus_client import multiprocess
 
-from gateway import logs
-from worker.curve import keygen
-from worker.protocol import Info, WorkerInfo, encode, to_gateway_decoder
+from common import logs
+from common.curve import keygen
+from common.protocol import Info, WorkerInfo, encode, to_gateway_decoder
 
 logger = logging.getLogger("launcher")
 

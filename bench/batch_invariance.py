@@ -15,9 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common.protocol import ChatMessage, Delta, Done, Generate, SamplingParams  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.models import load_model  # noqa: E402
-from worker.protocol import ChatMessage, Delta, Done, Generate, SamplingParams  # noqa: E402
 
 SUBJECTS = ["a cat", "the sea", "a robot", "winter", "a train", "music", "a garden", "the moon", "a city", "rain"]
 PEER = b"bench"

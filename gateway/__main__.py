@@ -16,11 +16,11 @@ from types import FrameType
 import uvicorn
 from starlette.applications import Starlette
 
-from gateway import logs
+from common import logs
+from common.curve import CurveKeys
 from gateway.app import create_app
 from gateway.auth import read_key_file
 from gateway.config import GatewayConfig
-from gateway.curve import CurveKeys
 
 logger = logging.getLogger("gateway")
 
@@ -130,7 +130,7 @@ def serve(config: GatewayConfig, fd: int | None = None, log_level: str = "info")
         app,
         host=config.host,
         port=config.port,
-        log_config=None,  # our handlers (gateway.logs), text or JSON
+        log_config=None,  # our handlers (common.logs), text or JSON
         log_level=log_level,
         access_log=False,  # gateway.observe logs one richer line per request
         timeout_graceful_shutdown=round(config.shutdown_grace),

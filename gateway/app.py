@@ -18,10 +18,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.curve import CurveKeys
 from gateway import ollama, openai
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
-from gateway.curve import CurveKeys
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.metrics import Metrics, metrics_endpoint
 from gateway.observe import REQUEST_ID, Observe

@@ -22,8 +22,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from common.protocol import Delta, Done, WorkerInfo
 from gateway.observe import current_trace
-from worker.protocol import Delta, Done, WorkerInfo
 
 # vLLM's buckets: sub-millisecond on a GPU up to minutes on a busy CPU.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,

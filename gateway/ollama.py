@@ -16,6 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from common.protocol import (
+    Delta,
+    Done,
+    Logprob,
+    ModelCard,
+    ToolCall,
+)
 from gateway.errors import BadRequest, GatewayError, ModelNotFound, ServerBusy
 from gateway.ollama_requests import (
     ChatRequest,
@@ -34,13 +41,6 @@ from gateway.streaming import (
     ndjson,
     open_events,
     stream,
-)
-from worker.protocol import (
-    Delta,
-    Done,
-    Logprob,
-    ModelCard,
-    ToolCall,
 )
 
 # -- rendering ----------------------------------------------------------------------------------

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.errors import BadRequest
-from worker.protocol import (
+from common.protocol import (
     ChatMessage,
     Generate,
     ModelCard,
@@ -20,6 +19,7 @@ from worker.protocol import (
     ToolCall,
     ToolCallFunction,
 )
+from gateway.errors import BadRequest
 
 # -- requests: unknown fields (and options such as num_ctx, repeat_last_n, mirostat) are ignored -------
 

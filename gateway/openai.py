@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from common.protocol import Delta, Done, Logprob, ModelCard, ToolCall
 from gateway.errors import BadRequest, GatewayError
 from gateway.openai_requests import (
     MAX_CHOICES,
@@ -39,7 +40,6 @@ from gateway.streaming import (
     sse,
     stream,
 )
-from worker.protocol import Delta, Done, Logprob, ModelCard, ToolCall
 
 # -- rendering ----------------------------------------------------------------------------------
 

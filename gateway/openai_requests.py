@@ -11,8 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.errors import BadRequest
-from worker.protocol import (
+from common.protocol import (
     ChatMessage,
     ForcedToolCall,
     Generate,
@@ -24,6 +23,7 @@ from worker.protocol import (
     ToolCall,
     ToolCallFunction,
 )
+from gateway.errors import BadRequest
 
 T = TypeVar("T")
 

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from common.protocol import Delta, Done, Generate, Logprob, ToolCall
 from gateway.errors import BadRequest, ClientDisconnected, GatewayError, PayloadTooLarge, RequestTimeout
-from worker.protocol import Delta, Done, Generate, Logprob, ToolCall
 
 logger = logging.getLogger(__name__)
 

@@ -20,18 +20,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from gateway.curve import CurveKeys
-from gateway.errors import (
-    BadRequest,
-    ContextLengthExceeded,
-    GatewayError,
-    InternalError,
-    ModelNotFound,
-    ServerBusy,
-    Unavailable,
-)
-from gateway.metrics import Metrics
-from worker.protocol import (
+from common.curve import CurveKeys
+from common.protocol import (
     Abort,
     Delta,
     Done,
@@ -43,6 +33,16 @@ from worker.protocol import (
     encode,
     to_gateway_decoder,
 )
+from gateway.errors import (
+    BadRequest,
+    ContextLengthExceeded,
+    GatewayError,
+    InternalError,
+    ModelNotFound,
+    ServerBusy,
+    Unavailable,
+)
+from gateway.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from gateway import logs  # stdlib-only log setup shared by all three processes
+from common import logs  # stdlib-only log setup shared by all three processes
 from worker.engine import Engine, EngineConfig
 from worker.malloc import keep_freed_memory
 
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    from worker.curve import ServerCurve
+    from common.curve import ServerCurve
     from worker.server import WorkerServer
 
     curve = None

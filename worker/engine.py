@@ -16,11 +16,7 @@ from typing import Any
 
 import msgspec
 
-from worker.detokenizer import IncrementalDetokenizer, ReasoningSplitter, StopMatcher, ToolCallParser
-from worker.grammar import GrammarError, Grammars, Matcher
-from worker.kv_blocks import BlockManager
-from worker.models import LoadedModel
-from worker.protocol import (
+from common.protocol import (
     Delta,
     Done,
     Failed,
@@ -34,6 +30,10 @@ from worker.protocol import (
     Usage,
     WorkerInfo,
 )
+from worker.detokenizer import IncrementalDetokenizer, ReasoningSplitter, StopMatcher, ToolCallParser
+from worker.grammar import GrammarError, Grammars, Matcher
+from worker.kv_blocks import BlockManager
+from worker.models import LoadedModel
 from worker.runner import ModelRunner, SeqChunk
 from worker.sampler import Sampler, SamplingState
 from worker.scheduler import QueueFull, ScheduledChunk, Scheduler

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import xgrammar
 
+from common.protocol import Generate
 from worker.detokenizer import ToolCallParser
-from worker.protocol import Generate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

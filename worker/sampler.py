@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.protocol import SamplingParams
+from common.protocol import SamplingParams
 
 # Temperatures below this are greedy (as vLLM's _SAMPLING_EPS); dividing by them would overflow.
 _GREEDY_EPS = 1e-5

@@ -21,8 +21,8 @@ import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from worker.curve import ServerCurve
-from worker.protocol import Abort, Generate, Info, encode, to_worker_decoder
+from common.curve import ServerCurve
+from common.protocol import Abort, Generate, Info, encode, to_worker_decoder
 
 if TYPE_CHECKING:  # the engine imports torch; this module stays light (tests serve a scripted engine)
     from worker.engine import Engine, Outgoing

@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from common.protocol import Delta, Done, Generate, ModelCard
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.workers import model_key
-from worker.protocol import Delta, Done, Generate, ModelCard
 
 Step = Delta | Done | GatewayError | str  # "hang": wait until cancelled
 

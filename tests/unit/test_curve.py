@@ -12,7 +12,7 @@ import pytest
 from test_ops_harness import ScriptedEngine, chat, free_port, serve_gateway, serve_worker, wait_until
 
 import launcher
-from worker.curve import ServerCurve, keygen
+from common.curve import ServerCurve, keygen
 
 
 def test_keygen_writes_owner_only_keys_and_authorizes_the_client(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ ONE_PROCESS = """
 import sys
 from pathlib import Path
 from gateway.metrics import Metrics
-from worker.protocol import Delta, Done, ModelCard, Usage, WorkerInfo
+from common.protocol import Delta, Done, ModelCard, Usage, WorkerInfo
 
 metrics = Metrics(Path(sys.argv[1]))
 meter = metrics.meter("m")

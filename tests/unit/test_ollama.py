@@ -19,6 +19,20 @@ import pytest
 from fake_pool import ScriptedPool, Step
 from starlette.applications import Starlette
 
+from common.protocol import (
+    ChatMessage,
+    Delta,
+    Done,
+    Generate,
+    Logprob,
+    ModelCard,
+    SamplingParams,
+    Timings,
+    TokenLogprob,
+    ToolCall,
+    ToolCallFunction,
+    Usage,
+)
 from gateway import ollama as dialect
 from gateway import ollama_requests as requests
 from gateway.app import create_app
@@ -34,20 +48,6 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.streaming import Folded
-from worker.protocol import (
-    ChatMessage,
-    Delta,
-    Done,
-    Generate,
-    Logprob,
-    ModelCard,
-    SamplingParams,
-    Timings,
-    TokenLogprob,
-    ToolCall,
-    ToolCallFunction,
-    Usage,
-)
 
 pytestmark = pytest.mark.anyio
 

@@ -19,6 +19,20 @@ import pytest
 from fake_pool import ScriptedPool, Step
 from starlette.applications import Starlette
 
+from common.protocol import (
+    ChatMessage,
+    Delta,
+    Done,
+    ForcedToolCall,
+    Generate,
+    Logprob,
+    ModelCard,
+    SamplingParams,
+    TokenLogprob,
+    ToolCall,
+    ToolCallFunction,
+    Usage,
+)
 from gateway import openai as dialect
 from gateway import openai_requests as requests
 from gateway.app import create_app
@@ -38,20 +52,6 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.streaming import Folded
-from worker.protocol import (
-    ChatMessage,
-    Delta,
-    Done,
-    ForcedToolCall,
-    Generate,
-    Logprob,
-    ModelCard,
-    SamplingParams,
-    TokenLogprob,
-    ToolCall,
-    ToolCallFunction,
-    Usage,
-)
 
 pytestmark = pytest.mark.anyio
 

@@ -17,8 +17,8 @@ import pytest
 from test_ops_harness import MODEL, ScriptedEngine, chat, ipc_address, serve_gateway, serve_worker, tandem, wait_until
 
 import launcher
+from common.logs import JSONFormatter
 from gateway import __main__ as gateway_main
-from gateway.logs import JSONFormatter
 
 # -- limits -------------------------------------------------------------------------------------
 

@@ -18,11 +18,11 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from common.curve import ServerCurve
+from common.protocol import Delta, Done, Failed, Generate, ModelCard, Timings, Usage, WorkerInfo
 from gateway.__main__ import Server
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from worker.curve import ServerCurve
-from worker.protocol import Delta, Done, Failed, Generate, ModelCard, Timings, Usage, WorkerInfo
 from worker.server import WorkerServer
 
 MODEL = "scripted"

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from worker.protocol import SamplingParams
+from common.protocol import SamplingParams
 from worker.sampler import Sampler, SamplingState
 
 CPU = torch.device("cpu")

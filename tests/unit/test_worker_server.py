@@ -8,7 +8,7 @@ from typing import Any
 
 from test_ops_harness import ScriptedEngine, ipc_address
 
-from worker.protocol import Delta
+from common.protocol import Delta
 from worker.server import WorkerServer
 
 

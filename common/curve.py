@@ -1,7 +1,7 @@
-"""CURVE for the worker's socket between hosts: key generation, and the check each gateway's key passes.
+"""CURVE between hosts (tcp://): the worker is the CURVE server, each gateway a client.
 
-Over tcp:// the worker is a CURVE server: traffic is encrypted, and a ZAP handler lets in only the gateways
-whose public key is in the authorized folder. (The gateway side is gateway/curve.py.)
+Traffic is encrypted, and the worker's ZAP handler lets in only the gateways whose public key is in its
+authorized folder. `keygen` writes both keypairs (`python launcher.py keygen DIR`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,34 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import zmq
 import zmq.auth
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE for tcp:// workers on other hosts: their public key and this gateway's keypair (Z85)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, server_key: Path, client_key: Path) -> CurveKeys:
+        """`server_key`: the workers' server.key; `client_key`: this gateway's client.key_secret."""
+        server_public, _ = zmq.auth.load_certificate(server_key)
+        public, secret = zmq.auth.load_certificate(client_key)
+        if secret is None:
+            raise ValueError(f"{client_key} holds no secret key: pass the .key_secret file")
+        return cls(server_public, public, secret)
+
+    def apply(self, socket: zmq.Socket) -> None:
+        """Make `socket` a CURVE client of the worker; before connect."""
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.public
+        socket.curve_secretkey = self.secret
 
 
 @dataclass
