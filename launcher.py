@@ -200,21 +200,29 @@ class Launcher:
             socket.close(linger=0)
 
     def _wait_http(self) -> bool:
+        """Until every gateway process has answered ready: they share the port, so until then a request could
+        land on one that has not reached the workers yet and be refused."""
         url = (
             f"http://{self.config.host if self.config.host not in ('0.0.0.0', '::') else '127.0.0.1'}"
             f":{self.config.port}/health"
         )
+        pending = {gateway.pid for gateway in self.gateways}
         while not self.stopping:
             for gateway in self.gateways:
                 if gateway.exit_code is not None:
                     logger.error("%s exited with code %s while starting", gateway.name, gateway.exit_code)
                     return False
             try:
-                if httpx.get(url, timeout=1).status_code in (200, 401):  # 401: serving, with --protect-health
+                response = httpx.get(url, timeout=1)  # a new connection each time: any process may take it
+                if response.status_code == 401:  # serving, with --protect-health: readiness is not ours to see
                     return True
-            except httpx.HTTPError:
+                if response.status_code == 200:
+                    pending.discard(response.json().get("gateway_pid"))
+                    if not pending:
+                        return True
+            except (httpx.HTTPError, ValueError):
                 pass
-            time.sleep(0.2)
+            time.sleep(0.05 if pending else 0.2)
         return False
 
     def _supervise(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -84,6 +85,7 @@ async def ready(request: Request) -> Response:
     status = "draining" if state.draining else "ok" if pool.is_ready else "starting"
     body = {
         "status": status,
+        "gateway_pid": os.getpid(),  # which of several gateway processes (launcher --gateways N) answered
         "uptime_s": round(time.time() - state.started_at, 3),
         "workers": [worker_view(w) for w in pool.workers],
     }

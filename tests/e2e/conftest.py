@@ -38,18 +38,22 @@ class Server:
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.base_url}/health", timeout=5)
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict:
+    def wait_ready(self, timeout: float = START_TIMEOUT, gateways: int = 1) -> dict:
+        """Until /health says ready from `gateways` distinct gateway processes (they share the port)."""
         deadline = time.monotonic() + timeout
+        ready: set[int] = set()
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"launcher exited with {self.process.returncode}:\n{self.log()}")
             try:
                 response = self.health()
                 if response.status_code == 200:
-                    return response.json()
+                    ready.add(response.json()["gateway_pid"])
+                    if len(ready) >= gateways:
+                        return response.json()
             except httpx.HTTPError:
                 pass
-            time.sleep(0.25)
+            time.sleep(0.05 if ready else 0.25)
         raise TimeoutError(f"tandem not ready after {timeout}s:\n{self.log()}")
 
     def log(self) -> str:

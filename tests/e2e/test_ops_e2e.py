@@ -34,8 +34,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         f"--gateway-arg=--api-key={KEY}",
         "--worker-arg=--max-running=24",
     )
-    for _ in range(10):  # both processes up: a probe lands on either
-        server.wait_ready()
+    server.wait_ready(gateways=2)  # both processes up: a request lands on either
     yield server
     assert server.stop() == 0, server.log()
 
