@@ -9,6 +9,7 @@ neighbours), and counts prompts whose greedy output differs, and at which token 
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.protocol import ChatMessage, Delta, Done, Generate, SamplingParams  # noqa: E402
 from worker.engine import Engine, EngineConfig  # noqa: E402
 from worker.models import load_model  # noqa: E402
+from worker.sequence import Prepared  # noqa: E402
 
 SUBJECTS = ["a cat", "the sea", "a robot", "winter", "a train", "music", "a garden", "the moon", "a city", "rain"]
 PEER = b"bench"
@@ -37,8 +39,10 @@ def requests(n: int, max_tokens: int) -> list[Generate]:
 
 def run(engine: Engine, batch: list[Generate]) -> dict[int, str]:
     texts = {g.id: "" for g in batch}
+    ready: queue.Queue[Prepared] = queue.Queue()  # intake runs on the engine's own thread
     for request in batch:
-        assert not engine.add(PEER, request)
+        assert not engine.add(PEER, request, ready=ready.put)
+        assert not engine.admit(ready.get())
     pending = len(batch)
     while pending:
         for _, event in engine.step():

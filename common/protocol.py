@@ -149,7 +149,7 @@ class Done(Struct, tag=True, omit_defaults=True):
     stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
 
 
-ErrorCode = Literal["bad_request", "context_length", "not_found", "busy", "internal"]
+ErrorCode = Literal["bad_request", "context_length", "not_found", "busy", "unavailable", "internal"]
 
 
 class Failed(Struct, tag=True):
@@ -174,6 +174,7 @@ class ModelCard(Struct, omit_defaults=True):
     capabilities: list[str] = []  # "completion", "tools", "thinking"
     family: str = ""
     format: str = ""  # "gguf", "safetensors"
+    vocab_size: int = 0  # token ids run from 0 to vocab_size - 1 (logit_bias and stop_token_ids are checked against it)
 
 
 class WorkerInfo(Struct, tag=True, omit_defaults=True):

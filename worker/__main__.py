@@ -13,6 +13,7 @@ from pathlib import Path
 from common import logs  # stdlib-only log setup shared by all three processes
 from worker.engine import Engine, EngineConfig
 from worker.malloc import keep_freed_memory
+from worker.server import DEFAULT_PEER_TIMEOUT, WorkerServer
 
 logger = logging.getLogger("worker")
 
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on the context length")
     parser.add_argument(
+        "--gateway-timeout",
+        type=float,
+        default=DEFAULT_PEER_TIMEOUT,
+        help="seconds without a word (gateways send a heartbeat every 0.5 s) before a gateway's requests are aborted",
+    )
+    parser.add_argument(
         "--curve-secret-key",
         type=Path,
         default=env("TANDEM_CURVE_SECRET_KEY") or None,
@@ -82,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     from common.curve import ServerCurve
-    from worker.server import WorkerServer
 
     curve = None
     if (args.curve_secret_key is None) != (args.curve_authorized_dir is None):
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         prefix_caching=args.prefix_caching,
     )
-    server = WorkerServer(Engine(loaded, config), args.bind, curve)
+    server = WorkerServer(Engine(loaded, config), args.bind, curve, peer_timeout=args.gateway_timeout)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     logger.info(

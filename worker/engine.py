@@ -1,47 +1,44 @@
 """The engine: requests in, one batched model step at a time, per-request events out.
 
-step() reads as schedule → run → sample → postprocess. Everything torch happens in the runner and the
-sampler; the scheduler and block manager decide, on plain Python data, what runs.
+step() reads as schedule → run → sample → postprocess. Intake (template, tokenize, grammar; worker/intake.py)
+runs on its own thread and hands back ready sequences; the output side (worker/output.py) turns sampled tokens
+into events. Everything torch happens in the runner and the sampler; the scheduler and block manager decide, on
+plain Python data, what runs. Every request that reaches the engine ends with exactly one Done or Failed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-from common.protocol import (
-    Delta,
-    Done,
-    Failed,
-    Generate,
-    Logprob,
-    Timings,
-    ToGateway,
-    TokenLogprob,
-    ToolCall,
-    ToolCallFunction,
-    Usage,
-    WorkerInfo,
-)
-from worker.detokenizer import IncrementalDetokenizer, ReasoningSplitter, StopMatcher, ToolCallParser
-from worker.grammar import GrammarError, Grammars, Matcher
+from common.protocol import Done, ErrorCode, Failed, Generate, ToGateway, Usage, WorkerInfo
+from worker.grammar import Grammars
+from worker.intake import Intake, RequestError
 from worker.kv_blocks import BlockManager
 from worker.models import LoadedModel
+from worker.output import Output, RequestState, done
 from worker.runner import ModelRunner, SeqChunk
-from worker.sampler import Sampler, SamplingState
+from worker.sampler import Sampler
 from worker.scheduler import QueueFull, ScheduledChunk, Scheduler
-from worker.sequence import RequestKey, Sequence
+from worker.sequence import Prepared, RequestKey, Sequence
 
 logger = logging.getLogger(__name__)
 
 Outgoing = tuple[bytes, ToGateway]  # (gateway peer, message)
+# Steps in a row that may fail before the engine's state is no longer trusted and the worker restarts.
+MAX_FAILED_STEPS = 3
+
+
+class EngineBroken(Exception):
+    """The engine's state can no longer be trusted: every request is failed and the worker exits for a restart."""
 
 
 @dataclass(frozen=True)
@@ -54,37 +51,6 @@ class EngineConfig:
     kv_cache_fraction: float = 0.85  # on a GPU: of the memory free after loading the weights
     max_model_len: int | None = None  # cap on context length (default: the model's)
     prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before
-
-
-@dataclass(eq=False)
-class RequestState:
-    """Everything per request that the scheduler does not need to see."""
-
-    generate: Generate
-    sampling: SamplingState
-    detokenizer: IncrementalDetokenizer
-    stops: StopMatcher
-    reasoning: ReasoningSplitter | None
-    tools: ToolCallParser | None
-    stop_token_ids: frozenset[int]
-    grammar: Matcher | None = None
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    num_tool_calls: int = 0
-
-    def constraint(self) -> Matcher | None:
-        """The grammar governs the answer: after the reasoning, where the prompt opened a think block."""
-        thinking = self.reasoning is not None and self.reasoning.inside
-        if self.grammar is None or (thinking and not self.grammar.num_accepted):
-            return None
-        return self.grammar
-
-
-class RequestError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Engine:
@@ -111,6 +77,12 @@ class Engine:
         )
         self.sampler = Sampler(len(self.tokenizer), loaded.eos_token_ids, loaded.device)
         self.grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
+        self.intake = Intake(self.tokenizer, self.card, self.grammars, self.sampler)
+        self.output = Output(self.tokenizer, loaded.eos_token_ids, self.context_length)
+        # One intake thread: requests are taken in, and so admitted, in the order they arrived.
+        self._intake_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        self.preparing: dict[RequestKey, float] = {}  # at intake, with their arrival time
+        self._failed_steps = 0  # in a row
         self.instance = uuid.uuid4().hex
         self._unreported_load = loaded.load_seconds  # reported once, by the first request to finish
         self.started_at = time.time()
@@ -130,109 +102,112 @@ class Engine:
             return int(free * self.config.kv_cache_fraction)
         return self.config.kv_cache_bytes
 
+    def close(self) -> None:
+        self._intake_thread.shutdown(wait=False, cancel_futures=True)
+
     # -- requests in ------------------------------------------------------------------------
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def add(self, peer: bytes, request: Generate) -> list[Outgoing]:
+    def add(self, peer: bytes, request: Generate, ready: Callable[[Prepared], None]) -> list[Outgoing]:
+        """Start taking a request in; `ready` is called (on the intake thread) with the result, to pass to admit()."""
         key = (peer, request.id)
+        if key in self.preparing or self.scheduler.find(key) is not None:
+            return [(peer, Failed(id=request.id, code="bad_request", message=f"request id {request.id} is in flight"))]
         try:
-            if self.scheduler.find(key) is not None:
-                raise RequestError("bad_request", f"request id {request.id} is already in flight")
-            prompt_ids = self._tokenize(request)
-            self.scheduler.add(self._make_sequence(key, request, prompt_ids))
+            self._intake_thread.submit(self._prepare, key, request, ready)
+        except RuntimeError:  # shutting down
+            return [(peer, Failed(id=request.id, code="unavailable", message="the worker is shutting down"))]
+        self.preparing[key] = time.monotonic()
+        return []
+
+    def _prepare(self, key: RequestKey, request: Generate, ready: Callable[[Prepared], None]) -> None:
+        """On the intake thread: whatever happens, exactly one Prepared goes back."""
+        try:
+            prepared = Prepared(key, seq=self.intake.prepare(key, request))
         except RequestError as exc:
-            return [(peer, Failed(id=request.id, code=exc.code, message=exc.message))]  # type: ignore[arg-type]
-        except GrammarError as exc:
-            return [(peer, Failed(id=request.id, code="bad_request", message=str(exc)))]
+            prepared = Prepared(key, error_code=exc.code, error=exc.message)
+        except Exception as exc:  # a bug or a tokenizer failure: this request fails, nothing else
+            logger.exception("request %d: intake failed", request.id)
+            prepared = Prepared(key, error_code="internal", error=f"the worker could not take this request in: {exc}")
+        ready(prepared)
+
+    def admit(self, prepared: Prepared) -> list[Outgoing]:
+        """A request back from intake joins the queue (or fails)."""
+        peer, request_id = prepared.key
+        arrived = self.preparing.pop(prepared.key, None)
+        if arrived is None:
+            return []  # aborted while at intake: its Done went out then
+        if prepared.seq is None:
+            code: Any = prepared.error_code
+            return [(peer, Failed(id=request_id, code=code, message=prepared.error))]
+        prepared.seq.arrived_at = arrived
+        try:
+            self.scheduler.add(prepared.seq)
         except QueueFull:
-            return [(peer, Failed(id=request.id, code="busy", message="server busy, please try again"))]
-        logger.debug("request %s: %d prompt tokens queued", key, len(prompt_ids))
+            return [(peer, Failed(id=request_id, code="busy", message="server busy, please try again"))]
+        logger.debug("request %s: %d prompt tokens queued", prepared.key, prepared.seq.num_prompt_tokens)
         return []
 
     def abort(self, peer: bytes, request_id: int) -> list[Outgoing]:
-        seq = self.scheduler.find((peer, request_id))
+        key = (peer, request_id)
+        if self.preparing.pop(key, None) is not None:
+            return [(peer, Done(id=request_id, finish_reason="abort", usage=Usage(0, 0)))]
+        seq = self.scheduler.find(key)
         if seq is None:
             return []  # already finished: its Done is on the way
         seq.state.finish_reason = "abort"
         return [self._finish(seq)]
 
-    def abort_peer(self, peer: bytes) -> None:
-        """A gateway vanished: drop everything it asked for."""
+    def abort_peer(self, peer: bytes, reason: str) -> list[Outgoing]:
+        """A gateway vanished or went silent: drop everything it asked for. If it is only paused, it learns why
+        when it wakes (the events queue for it); if it is gone, the events go nowhere."""
+        events: list[Outgoing] = []
+        for key in [key for key in self.preparing if key[0] == peer]:
+            del self.preparing[key]
+            events.append((peer, Failed(id=key[1], code="unavailable", message=reason)))
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             if seq.key[0] == peer:
-                self.scheduler.finish(seq)
+                events.append(self._fail(seq, "unavailable", reason))
+        return events
 
-    def _tokenize(self, request: Generate) -> list[int]:
-        if (request.messages is None) == (request.prompt is None):
-            raise RequestError("bad_request", "exactly one of messages or prompt must be given")
-        if request.prompt is not None:
-            ids: list[int] = self.tokenizer.encode(request.prompt)
-        else:
-            ids = self.tokenizer.encode(self._render_chat(request), add_special_tokens=False)
-        if not ids:
-            raise RequestError("bad_request", "the prompt is empty")
-        if len(ids) >= self.context_length:
-            raise RequestError(
-                "context_length",
-                f"This model's maximum context length is {self.context_length} tokens. However, your messages "
-                f"resulted in {len(ids)} tokens, which leaves no room for the completion. "
-                "Please reduce the length of the messages.",
-            )
-        return ids
-
-    def _render_chat(self, request: Generate) -> str:
-        messages = [_message_for_template(m) for m in msgspec.to_builtins(request.messages)]
-        kwargs: dict[str, Any] = dict(request.template_kwargs)
-        if request.think is not None:
-            kwargs.setdefault("enable_thinking", request.think)
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages,
-                tools=request.tools or None,
-                add_generation_prompt=request.add_generation_prompt,
-                tokenize=False,
-                **kwargs,
-            )
-        except Exception as exc:  # jinja raises anything, e.g. "Conversation roles must alternate"
-            raise RequestError("bad_request", f"the chat template rejected these messages: {exc}") from exc
-        assert isinstance(text, str)
-        return text
-
-    def _make_sequence(self, key: RequestKey, request: Generate, prompt_ids: list[int]) -> Sequence:
-        params = request.params
-        room = self.context_length - len(prompt_ids)
-        max_tokens = min(params.max_tokens or room, room)
-        reasoning = None
-        # A chat answer is split unless thinking is off; a raw prompt's continuation only when asked to (Ollama's
-        # raw generate with think), so /v1/completions gets back exactly the text the model wrote.
-        wants_split = request.think is not False if request.prompt is None else request.think is True
-        if "thinking" in self.card.capabilities and wants_split:
-            prompt_tail = self.tokenizer.decode(prompt_ids[-8:])
-            reasoning = ReasoningSplitter(starts_inside=prompt_tail.rstrip().endswith("<think>"))
-        grammar = self.grammars.matcher(request)
-        if grammar is not None and reasoning is not None and not reasoning.inside:
-            reasoning = None  # constrained from the first token: no think block can open
-        state = RequestState(
-            generate=request,
-            sampling=SamplingState(params, self.sampler.make_generator(params.seed), prompt_ids, []),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-            stops=StopMatcher(list(params.stop)),
-            reasoning=reasoning,
-            tools=ToolCallParser() if request.tools else None,
-            stop_token_ids=frozenset(params.stop_token_ids),
-            grammar=grammar,
-        )
-        return Sequence(key, list(prompt_ids), len(prompt_ids), max_tokens, state=state)
+    def fail_everything(self, message: str) -> list[Outgoing]:
+        """Before the worker exits on a broken state: every request it holds ends with a Failed."""
+        events = [(key[0], Failed(id=key[1], code="internal", message=message)) for key in self.preparing]
+        self.preparing.clear()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            events.append(self._fail(seq, "internal", message))
+        return events
 
     # -- the step ---------------------------------------------------------------------------
 
     def step(self) -> list[Outgoing]:
-        chunks = self.scheduler.schedule()  # 1) schedule
+        chunks = self.scheduler.schedule()  # 1) schedule (a failure here leaves the books unknown: it propagates)
         if not chunks:
             return []
-        logits = self.runner.forward(  # 2) run
+        try:
+            finishing, result = self._run(chunks)  # 2) run, 3) sample
+        except Exception as exc:
+            return self._step_failed([chunk.seq for chunk in chunks], exc)
+        self._failed_steps = 0
+        out: list[Outgoing] = []  # 4) postprocess: detokenize, stop, emit; a failure ends that request alone
+        for i, seq in enumerate(finishing):
+            choice = result.logprobs[i] if result.logprobs is not None else None
+            try:
+                delta = self.output.append(seq, result.token_ids[i], choice)
+            except Exception as exc:
+                logger.exception("request %d: output processing failed", seq.key[1])
+                out.append(self._fail(seq, "internal", f"the worker failed on this request's output: {exc}"))
+                continue
+            if delta is not None:
+                out.append((seq.key[0], delta))
+            if seq.state.finish_reason is not None:
+                out.append(self._finish(seq))
+        return out
+
+    def _run(self, chunks: list[ScheduledChunk]) -> tuple[list[Sequence], Any]:
+        logits = self.runner.forward(
             [
                 SeqChunk(
                     c.seq.token_ids[c.seq.num_computed : c.seq.num_computed + c.num_tokens],
@@ -245,129 +220,33 @@ class Engine:
         )
         self.scheduler.on_computed(chunks)
         rows = [i for i, c in enumerate(chunks) if c.completes]
+        finishing = [chunks[i].seq for i in rows]
         if not rows:
-            return []
-        finished_prefill: list[ScheduledChunk] = [chunks[i] for i in rows]
-        states: list[RequestState] = [c.seq.state for c in finished_prefill]
+            return [], None
+        states: list[RequestState] = [seq.state for seq in finishing]
         logits = logits[rows]
-        self.grammars.mask(logits, [s.constraint() for s in states])  # 3) sample, within each request's grammar
-        result = self.sampler.sample(logits, [s.sampling for s in states])
-        out: list[Outgoing] = []  # 4) postprocess: detokenize, stop, emit
-        for i, chunk in enumerate(finished_prefill):
-            choice = result.logprobs[i] if result.logprobs is not None else None
-            out.extend(self._append(chunk.seq, result.token_ids[i], choice))
-        return out
+        self.grammars.mask(logits, [s.constraint() for s in states])  # within each request's grammar
+        return finishing, self.sampler.sample(logits, [s.sampling for s in states])
 
-    def _append(self, seq: Sequence, token: int, choice: Any) -> list[Outgoing]:
-        state: RequestState = seq.state
-        now = time.monotonic()
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-        params = state.generate.params
-        grammar = state.constraint()  # before this token's text can end the reasoning
-        text = ""
-        if token in self.loaded.eos_token_ids and not params.ignore_eos:
-            state.finish_reason, choice = "stop", None  # an end token is not output: no logprob for it either
-        elif token in state.stop_token_ids:
-            state.finish_reason, state.stop_reason, choice = "stop", token, None
-        else:
-            seq.token_ids.append(token)
-            state.sampling.output_ids.append(token)
-            if grammar is not None and not grammar.accept(token):
-                logger.warning("request %s: token %d is outside its grammar", seq.key, token)
-            text, stop = state.stops.push(state.detokenizer.push(token))
-            if stop is not None:
-                state.finish_reason, state.stop_reason = "stop", stop
-            elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.context_length:
-                state.finish_reason = "length"
-            elif grammar is not None and grammar.is_completed and params.ignore_eos:
-                state.finish_reason = "stop"  # a whole match, and eos is masked: end while the output is valid
-        if state.finish_reason is not None and not isinstance(state.stop_reason, str):
-            # Ending without a stop string: a character still held by the detokenizer goes through the stop
-            # matcher too, then whatever the matcher held back is real output.
-            tail, stop = state.stops.push(state.detokenizer.flush())
-            text += tail if stop is not None else tail + state.stops.flush()
-        delta = self._delta(seq, text, choice, final=state.finish_reason is not None)
-        out = [(seq.key[0], delta)] if delta is not None else []
-        if state.finish_reason is not None:
-            out.append(self._finish(seq))
-        return out
+    def _step_failed(self, seqs: list[Sequence], exc: Exception) -> list[Outgoing]:
+        """The step's requests fail with the reason; the others run on. Several failures in a row: restart."""
+        self._failed_steps += 1
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise EngineBroken(f"{self._failed_steps} model steps in a row failed, the last with: {exc!r}") from exc
+        logger.exception("a model step failed; failing its %d request(s)", len(seqs))
+        message = f"the model step running this request failed: {type(exc).__name__}: {exc}"
+        return [self._fail(seq, "internal", message) for seq in seqs]
 
-    def _delta(self, seq: Sequence, text: str, choice: Any, *, final: bool) -> Delta | None:
-        state: RequestState = seq.state
-        reasoning = ""
-        if state.reasoning is not None:
-            text, reasoning = state.reasoning.push(text)
-            if final:
-                more_text, more_reasoning = state.reasoning.flush()
-                text, reasoning = text + more_text, reasoning + more_reasoning
-        calls: list[ToolCall] | None = None
-        if state.tools is not None:
-            text, parsed = state.tools.push(text)
-            if final:
-                more_text, more_parsed = state.tools.flush()
-                text, parsed = text + more_text, parsed + more_parsed
-            if parsed:
-                calls = [
-                    ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(p.name, p.arguments))
-                    for p in parsed
-                ]
-                state.num_tool_calls += len(calls)
-        wants_logprobs = choice is not None and state.generate.params.logprobs is not None
-        logprobs = [self._logprob(choice)] if wants_logprobs else None
-        if not (text or reasoning or calls or logprobs) and not (final and seq.num_output_tokens == 0):
-            return None
-        return Delta(
-            id=seq.key[1],
-            text=text,
-            reasoning=reasoning,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            logprobs=logprobs,
-            tool_calls=calls,
-        )
-
-    def _logprob(self, choice: Any) -> Logprob:
-        token = self.tokenizer.decode([choice.token_id])
-        top = []
-        for token_id, logprob in choice.top:
-            text = self.tokenizer.decode([token_id])  # once per alternative, not once per field
-            top.append(TokenLogprob(text, logprob, list(text.encode())))
-        return Logprob(token, choice.logprob, list(token.encode()), top)
+    def _fail(self, seq: Sequence, code: ErrorCode, message: str) -> Outgoing:
+        self.scheduler.finish(seq)
+        logger.warning("request %d failed: %s", seq.key[1], message)
+        return (seq.key[0], Failed(id=seq.key[1], code=code, message=message))
 
     def _finish(self, seq: Sequence) -> Outgoing:
-        state: RequestState = seq.state
         self.scheduler.finish(seq)
-        now = time.monotonic()
-        scheduled = seq.scheduled_at or now
-        first = seq.first_token_at or now
-        reason = state.finish_reason or "abort"
-        if reason == "stop" and state.num_tool_calls:
-            reason = "tool_calls"
         # Ollama's load_duration is the load a request waited for: the model's load on a cold start, then ~0.
         self._unreported_load, load = 0.0, self._unreported_load
-        done = Done(
-            id=seq.key[1],
-            finish_reason=reason,  # type: ignore[arg-type]
-            usage=Usage(seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached),
-            timings=Timings(
-                queue=scheduled - seq.arrived_at,
-                prefill=first - scheduled,
-                decode=now - first,
-                load=load,
-            ),
-            stop_reason=state.stop_reason,
-        )
-        logger.info(
-            "request %d: %s after %d+%d tokens (%d cached), %.3fs",
-            seq.key[1],
-            reason,
-            seq.num_prompt_tokens,
-            seq.num_output_tokens,
-            seq.num_cached,
-            now - seq.arrived_at,
-        )
-        return (seq.key[0], done)
+        return (seq.key[0], done(seq, load))
 
     # -- self-description -------------------------------------------------------------------
 
@@ -382,22 +261,8 @@ class Engine:
             max_running=self.config.max_running,
             max_waiting=self.config.max_waiting,
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.preparing),
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
             prefix_cache_hit_rate=self.blocks.num_prefix_hits / queries if queries else 0.0,
         )
-
-
-def _message_for_template(message: dict[str, Any]) -> dict[str, Any]:
-    """Chat templates (Qwen, Hermes) render tool-call arguments with `tojson`: give them objects, not strings."""
-    for call in message.get("tool_calls") or []:
-        arguments = call.get("function", {}).get("arguments")
-        if isinstance(arguments, str):
-            try:
-                call["function"]["arguments"] = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
-    if message.get("reasoning") is not None:
-        message["reasoning_content"] = message["reasoning"]
-    return message

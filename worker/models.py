@@ -76,6 +76,7 @@ class LoadedModel:
             capabilities=template_capabilities(template),
             family=config.model_type,
             format=self.format,
+            vocab_size=config.vocab_size,
         )
 
 

@@ -53,3 +53,13 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request back from intake (worker/intake.py): its sequence, ready to schedule, or why it was refused."""
+
+    key: RequestKey
+    seq: Sequence | None = None
+    error_code: str = ""
+    error: str = ""

@@ -2,7 +2,12 @@
 
 The I/O thread decodes frames, answers Info heartbeats at once (even during a long step), and hands
 Generate/Abort to the engine through a queue; the engine sends its events back through an inproc socket.
-Socket I/O never waits on the model, and the model never waits on a slow socket.
+Socket I/O never waits on the model, and the model never waits on a slow socket. A request goes from the
+engine to its intake thread and comes back through the same queue, ready to schedule.
+
+Every request that reaches the worker ends with exactly one Done or Failed: a frame that does not decode is
+answered with Failed when its id can be read; a gateway that vanishes or stays silent past `peer_timeout`
+has its requests aborted (and told so, should it wake up); a step that fails ends the requests it ran.
 
 Between hosts (tcp://) the socket speaks CURVE: encrypted, and only gateways whose public key is in the
 authorized folder get in. Over ipc:// the socket file is readable by its owner only.
@@ -10,10 +15,12 @@ authorized folder get in. Over ipc:// the socket file is readable by its owner o
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +29,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from common.curve import ServerCurve
-from common.protocol import Abort, Generate, Info, encode, to_worker_decoder
+from common.protocol import Abort, Failed, Generate, Info, encode, to_worker_decoder
+from worker.sequence import Prepared
 
 if TYPE_CHECKING:  # the engine imports torch; this module stays light (tests serve a scripted engine)
     from worker.engine import Engine, Outgoing
@@ -31,21 +39,29 @@ logger = logging.getLogger(__name__)
 
 OUTBOX = "inproc://tandem-outbox"
 SEND_TIMEOUT_MS = 200  # how often a send to the I/O thread looks up whether that thread is still there
+# Gateways send a heartbeat every 0.5 s; one silent this long is gone or frozen, and its requests are aborted.
+DEFAULT_PEER_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
 class PeerGone:
-    """Posted to the engine when a gateway can no longer be reached."""
+    """Posted to the engine when a gateway can no longer be reached, or has not been heard from for too long."""
+
+    reason: str
 
 
-Inbound = tuple[bytes, Generate | Abort | PeerGone]
+Inbound = tuple[bytes, Generate | Abort | PeerGone | Prepared]
 
 
 class WorkerServer:
-    def __init__(self, engine: Engine, bind: str, curve: ServerCurve | None = None) -> None:
+    def __init__(
+        self, engine: Engine, bind: str, curve: ServerCurve | None = None, peer_timeout: float = DEFAULT_PEER_TIMEOUT
+    ) -> None:
         self.engine = engine
         self.bind = bind
         self.curve = curve
+        self.peer_timeout = peer_timeout
+        self._last_heard: dict[bytes, float] = {}  # gateway → monotonic time of its last frame; I/O thread only
         self.context = zmq.Context()
         self.inbox: queue.Queue[Inbound] = queue.Queue()
         self.stopping = threading.Event()
@@ -70,16 +86,31 @@ class WorkerServer:
         outbox.connect(OUTBOX)
         try:
             while not self.stopping.is_set() and io_thread.is_alive():
-                self._drain_inbox(outbox, block=not self.engine.has_work())  # 1) new requests, aborts
+                self._drain_inbox(outbox, block=not self.engine.has_work())  # 1) new requests, ready ones, aborts
                 if self.engine.has_work():
-                    self._send(outbox, self.engine.step())  # 2) schedule, run, send deltas
+                    self._send(outbox, self._step(outbox))  # 2) schedule, run, sample, send deltas
                     self.info = encode(self.engine.info())
             if not self.stopping.is_set():
                 raise RuntimeError(f"the socket thread on {self.bind} stopped")
         finally:
+            self.engine.close()
             outbox.close(linger=1000)
+            self.stopping.set()  # the I/O thread forwards what is still queued (a failing engine's Faileds), then ends
             io_thread.join(timeout=2)
             self.context.term()
+
+    def _step(self, outbox: zmq.Socket) -> list[Outgoing]:
+        """One engine step. If the engine's state can no longer be trusted, every request it holds fails (the
+        events still go out) and the error propagates: the worker exits and its supervisor restarts it."""
+        try:
+            return self.engine.step()
+        except Exception as exc:
+            logger.critical("the engine failed and cannot go on: %r", exc)
+            try:
+                self._send(outbox, self.engine.fail_everything(f"the model worker failed and restarts: {exc!r}"))
+            except Exception:
+                logger.exception("could not fail the engine's requests; the gateways will see the worker go")
+            raise
 
     def stop(self) -> None:
         self.stopping.set()
@@ -93,16 +124,22 @@ class WorkerServer:
             peer, message = item
             match message:
                 case Generate():
-                    self._send(outbox, self.engine.add(peer, message))
+                    self._send(outbox, self.engine.add(peer, message, ready=functools.partial(self._ready, peer)))
+                case Prepared():
+                    self._send(outbox, self.engine.admit(message))
                 case Abort(id=request_id):
                     self._send(outbox, self.engine.abort(peer, request_id))
-                case PeerGone():
-                    self.engine.abort_peer(peer)
+                case PeerGone(reason=reason):
+                    self._send(outbox, self.engine.abort_peer(peer, reason))
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 break
         self.info = encode(self.engine.info())
+
+    def _ready(self, peer: bytes, prepared: Prepared) -> None:
+        """Called on the intake thread: back to the engine loop, through the queue everything else takes."""
+        self.inbox.put((peer, prepared))
 
     def _send(self, outbox: zmq.Socket, events: list[Outgoing]) -> None:
         for peer, message in events:
@@ -147,16 +184,21 @@ class WorkerServer:
             poller.register(router, zmq.POLLIN)
             poller.register(pull, zmq.POLLIN)
             logger.info("worker listening on %s", self.bind)
+            next_reap = time.monotonic() + 1.0
             while not self.stopping.is_set():
                 ready = dict(poller.poll(timeout=100))
                 if router in ready:
                     self._receive(router)
                 if pull in ready:
                     self._forward(router, pull)
+                if time.monotonic() >= next_reap:
+                    self._reap_silent_peers()
+                    next_reap = time.monotonic() + 1.0
+            self._forward(router, pull)  # the last events the engine queued before it stopped
         except Exception:
             logger.exception("the socket thread on %s failed", self.bind)  # run() sees it gone and stops
         finally:
-            router.close(linger=0)
+            router.close(linger=500)  # long enough for those last events to leave
             pull.close(linger=0)
             if authenticator is not None:
                 authenticator.stop()
@@ -172,15 +214,33 @@ class WorkerServer:
                 continue
             peer, frame = frames
             self._unreachable.discard(peer)  # it is back
+            self._last_heard[peer] = time.monotonic()
             try:
                 message = to_worker_decoder.decode(frame)
             except msgspec.DecodeError as exc:
-                logger.warning("dropped a malformed frame from %s: %s", peer.hex(), exc)
+                self._refuse(router, peer, frame, exc)
                 continue
             if isinstance(message, Info):
                 self._route(router, peer, self.info)
             else:
                 self.inbox.put((peer, message))
+
+    def _refuse(self, router: zmq.Socket, peer: bytes, frame: bytes, exc: Exception) -> None:
+        """A frame that does not decode as a message: answer Failed if it names a request, so nobody waits."""
+        request_id = _request_id_of(frame)
+        logger.warning("malformed frame from %s (request id %s): %s", peer.hex(), request_id, exc)
+        if request_id is not None:
+            failed = Failed(id=request_id, code="bad_request", message=f"the worker could not read this request: {exc}")
+            self._route(router, peer, encode(failed))
+
+    def _reap_silent_peers(self) -> None:
+        """A gateway that has sent nothing (not even a heartbeat) for `peer_timeout` is gone or frozen."""
+        now = time.monotonic()
+        for peer, heard in list(self._last_heard.items()):
+            if now - heard > self.peer_timeout:
+                del self._last_heard[peer]
+                logger.warning("gateway %s silent for %.0fs: aborting its requests", peer.hex(), now - heard)
+                self.inbox.put((peer, PeerGone(f"the worker heard nothing from its gateway for {now - heard:.0f}s")))
 
     def _forward(self, router: zmq.Socket, pull: zmq.Socket) -> None:
         while True:
@@ -199,4 +259,14 @@ class WorkerServer:
             if peer not in self._unreachable:  # its queued events fail too: say it and free its work once
                 self._unreachable.add(peer)
                 logger.warning("gateway %s unreachable: aborting its requests", peer.hex())
-                self.inbox.put((peer, PeerGone()))
+                self.inbox.put((peer, PeerGone("the gateway disconnected")))
+
+
+def _request_id_of(frame: bytes) -> int | None:
+    """The id of a Generate or Abort frame that failed typed decoding, if it can be read at all."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    request_id = raw.get("id") if isinstance(raw, dict) else None
+    return request_id if isinstance(request_id, int) and 0 <= request_id < 2**63 else None

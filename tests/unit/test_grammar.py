@@ -16,8 +16,8 @@ import torch
 
 from common.protocol import ForcedToolCall, Generate, SamplingParams
 from worker.detokenizer import ReasoningSplitter, ToolCallParser
-from worker.engine import RequestState
 from worker.grammar import GrammarError, Grammars, GrammarSpec, Matcher, grammar_spec
+from worker.output import RequestState
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_STEPS = 400

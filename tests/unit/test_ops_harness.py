@@ -43,7 +43,8 @@ class ScriptedEngine:
         self.received: list[Generate] = []
         self.aborted: list[int] = []
 
-    def add(self, peer: bytes, request: Generate) -> list[tuple[bytes, Any]]:
+    def add(self, peer: bytes, request: Generate, ready: Any = None) -> list[tuple[bytes, Any]]:
+        """Takes the request in at once (no intake thread: `ready` is never called, admit() never needed)."""
         self.received.append(request)
         if request.prompt == "fail":
             return [(peer, Failed(id=request.id, code="bad_request", message="scripted failure"))]
@@ -58,11 +59,22 @@ class ScriptedEngine:
         self.waiting = deque(item for item in self.waiting if item[0] != (peer, request_id))
         return [(peer, Done(id=request_id, finish_reason="abort", usage=Usage(3, found[1] if found else 0)))]
 
-    def abort_peer(self, peer: bytes) -> None:
-        for key in [key for key in self.running if key[0] == peer]:
+    def abort_peer(self, peer: bytes, reason: str) -> list[tuple[bytes, Any]]:
+        keys = [key for key in (*self.running, *(item[0] for item in self.waiting)) if key[0] == peer]
+        for key in keys:
             self.aborted.append(key[1])
-            del self.running[key]
+            self.running.pop(key, None)
         self.waiting = deque(item for item in self.waiting if item[0][0] != peer)
+        return [(peer, Failed(id=key[1], code="unavailable", message=reason)) for key in keys]
+
+    def fail_everything(self, message: str) -> list[tuple[bytes, Any]]:
+        keys = [*self.running, *(item[0] for item in self.waiting)]
+        self.running.clear()
+        self.waiting.clear()
+        return [(peer, Failed(id=request_id, code="internal", message=message)) for peer, request_id in keys]
+
+    def close(self) -> None:
+        pass
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
