@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.curve import CurveKeys
-from gateway import ollama, openai
+from gateway import ollama, openai, router_info
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, NotFound, Unavailable
@@ -148,6 +148,7 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         Route("/stats", stats_endpoint, methods=["GET"]),
         *openai.routes(),
         *ollama.routes(),
+        *router_info.routes(),
     ]
     # Outermost first. CORS outside everything, so refusals carry its headers too and a browser can read them.
     middleware = [Middleware(Observe, metrics=metrics, routes=routes), Middleware(DrainGate)]
