@@ -34,7 +34,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
     parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket (launcher)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-body-bytes", type=int, default=GatewayConfig.max_body_bytes)
-    limits.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is aborted")
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=float(env("TANDEM_REQUEST_TIMEOUT", str(GatewayConfig.request_timeout))),
+        help="seconds before a request is aborted in the worker and answered 504 (0: no limit)",
+    )
+    limits.add_argument(
+        "--buffer-bytes",
+        type=int,
+        default=GatewayConfig.buffer_bytes,
+        help="bytes of answer held for one client that reads slowly before its request is given up",
+    )
     limits.add_argument(
         "--max-in-flight", type=int, default=None, help="generations at once in this process before 429/503"
     )
@@ -81,7 +92,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,
-        request_timeout=args.request_timeout,
+        request_timeout=args.request_timeout or None,
+        buffer_bytes=args.buffer_bytes,
         max_in_flight=args.max_in_flight,
         reasoning_field=args.reasoning_field,
         shutdown_grace=args.shutdown_grace,

@@ -27,6 +27,7 @@ from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.metrics import Metrics, metrics_endpoint
 from gateway.observe import REQUEST_ID, Observe
 from gateway.stats import stats_endpoint
+from gateway.streaming import internal_error
 from gateway.workers import WorkerConnection, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,16 @@ def render_error(path: str, exc: GatewayError) -> Response:
 async def render_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
     return render_error(request.url.path, exc)
+
+
+async def render_unexpected(request: Request, exc: Exception) -> Response:
+    """Any other exception is a bug: a 500 in the dialect's shape naming the request id (the traceback is
+    logged by Starlette's error middleware, which calls this), never plain text."""
+    request_id = request.headers.get(REQUEST_ID)  # set by Observe, whose context has ended by now
+    response = render_error(request.url.path, internal_error(exc, request_id))
+    if request_id:
+        response.headers[REQUEST_ID] = request_id
+    return response
 
 
 async def render_http_exception(request: Request, exc: Exception) -> Response:
@@ -129,7 +140,11 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         if config.curve_server_key and config.curve_client_key:
             curve = CurveKeys.load(config.curve_server_key, config.curve_client_key)
         app.state.pool = pool or WorkerPool(
-            list(config.workers), metrics=metrics, max_in_flight=config.max_in_flight, curve=curve
+            list(config.workers),
+            metrics=metrics,
+            max_in_flight=config.max_in_flight,
+            curve=curve,
+            buffer_bytes=config.buffer_bytes,
         )
         app.state.config = config
         app.state.metrics = metrics
@@ -168,7 +183,11 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,
-        exception_handlers={GatewayError: render_gateway_error, HTTPException: render_http_exception},
+        exception_handlers={
+            GatewayError: render_gateway_error,
+            HTTPException: render_http_exception,
+            Exception: render_unexpected,
+        },
     )
     app.state.draining = False
     return app

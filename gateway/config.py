@@ -12,7 +12,8 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024
-    request_timeout: float | None = None  # seconds; past it the request is aborted in the worker
+    request_timeout: float | None = 900.0  # seconds; past it the request is aborted in the worker (None: never)
+    buffer_bytes: int = 4 * 2**20  # answer held for one slow reader before its request is given up
     max_in_flight: int | None = None  # generations at once in this gateway process, over all workers
     reasoning_field: bool = False  # OpenAI: also emit thinking as `reasoning` beside `reasoning_content`
     shutdown_grace: float = 30.0  # seconds in-flight requests get to finish after SIGTERM

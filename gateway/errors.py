@@ -91,3 +91,12 @@ class ClientDisconnected(GatewayError):
     status = 499
     type = "invalid_request_error"
     code = "client_disconnected"
+
+
+class ClientTooSlowError(GatewayError):
+    """The client read its stream so much slower than the model wrote it that the gateway gave it up
+    (see gateway/request_buffer.py); the work was aborted in the worker."""
+
+    status = 503
+    type = "server_error"
+    code = "client_too_slow"

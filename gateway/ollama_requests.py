@@ -20,6 +20,10 @@ from common.protocol import (
     ToolCallFunction,
 )
 from gateway.errors import BadRequest
+from gateway.request_types import Seed, Tool, cap_tokens, cap_top_k, tool_schemas
+
+MAX_STOPS = 64  # stop strings are matched against every token's text: a bound keeps that cheap
+MAX_REPEAT_PENALTY = 100.0  # logits are divided or multiplied by it: past this they leave float range sense
 
 # -- requests: unknown fields (and options such as num_ctx, repeat_last_n, mirostat) are ignored -------
 
@@ -29,12 +33,12 @@ class Options(Struct, kw_only=True):
     # the worker's penalty to the whole sequence.
     temperature: Temperature = 0.8
     top_p: Probability = 0.9
-    top_k: int = 40  # <= 0: off
+    top_k: int = 40  # <= 0: off; past the vocabulary: off too
     min_p: Probability = 0.0
     num_predict: int | None = None  # -1: unlimited, -2: fill the context; both "up to the context" here
-    seed: int | None = None  # < 0: random, as Ollama's -1
-    stop: str | list[str] | None = None
-    repeat_penalty: float | None = None  # <= 0: off
+    seed: Seed | None = None  # < 0: random, as Ollama's -1
+    stop: str | Annotated[list[str], Meta(max_length=MAX_STOPS)] | None = None
+    repeat_penalty: Annotated[float, Meta(le=MAX_REPEAT_PENALTY)] | None = None  # <= 0: off
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
 
@@ -75,7 +79,7 @@ class Common(Struct, kw_only=True):
 
 class ChatRequest(Common, kw_only=True):
     messages: list[Message] = []
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
 
 
 class GenerateRequest(Common, kw_only=True):
@@ -108,7 +112,10 @@ def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard) -> Generat
         id=0,
         model=card.name,
         params=_sampling(
-            body.options or Options(), (body.top_logprobs or 0) if body.logprobs else None, json_schema(body.format)
+            body.options or Options(),
+            card,
+            (body.top_logprobs or 0) if body.logprobs else None,
+            json_schema(body.format),
         ),
         think=None if body.think is None else bool(body.think),
         template_kwargs=template_kwargs,
@@ -117,7 +124,7 @@ def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard) -> Generat
         if body.tools and card.capabilities and "tools" not in card.capabilities:
             raise BadRequest(f'"{body.model}" does not support tools')
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
-        return msgspec.structs.replace(base, messages=messages, tools=body.tools)
+        return msgspec.structs.replace(base, messages=messages, tools=tool_schemas(body.tools))
     if body.suffix:
         raise BadRequest("suffix is not supported")
     if body.template:
@@ -141,18 +148,18 @@ def json_schema(format_: Any) -> str | None:
     raise BadRequest(f'invalid format: {msgspec.json.encode(format_).decode()}; expected "json" or a valid JSON Schema')
 
 
-def _sampling(options: Options, logprobs: int | None, json_schema: str | None) -> SamplingParams:
+def _sampling(options: Options, card: ModelCard, logprobs: int | None, json_schema: str | None) -> SamplingParams:
     num_predict = options.num_predict
     return SamplingParams(
         temperature=options.temperature,
         top_p=options.top_p,
-        top_k=max(options.top_k, 0),
+        top_k=cap_top_k(options.top_k, card),
         min_p=options.min_p,
         seed=options.seed if options.seed is not None and options.seed >= 0 else None,
         repetition_penalty=options.repeat_penalty if options.repeat_penalty and options.repeat_penalty > 0 else 1.0,
         presence_penalty=options.presence_penalty,
         frequency_penalty=options.frequency_penalty,
-        max_tokens=num_predict if num_predict is not None and num_predict > 0 else None,
+        max_tokens=cap_tokens(num_predict, card) if num_predict is not None and num_predict > 0 else None,
         stop=[options.stop] if isinstance(options.stop, str) else list(options.stop or ()),
         logprobs=logprobs,
         json_schema=json_schema,

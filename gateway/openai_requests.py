@@ -24,6 +24,16 @@ from common.protocol import (
     ToolCallFunction,
 )
 from gateway.errors import BadRequest
+from gateway.request_types import (
+    Seed,
+    TokenId,
+    Tool,
+    cap_tokens,
+    cap_top_k,
+    check_token_ids,
+    tool_schemas,
+    wrap_seed,
+)
 
 T = TypeVar("T")
 
@@ -46,18 +56,18 @@ class Sampling(Struct, kw_only=True):
     top_p: Probability | None = None
     n: Annotated[int, Meta(ge=1, le=MAX_CHOICES)] | None = None
     stop: Stop | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
     # vLLM's extras
-    top_k: Annotated[int, Meta(ge=-1)] | None = None  # -1 or 0: off
+    top_k: Annotated[int, Meta(ge=-1)] | None = None  # -1 or 0: off; past the vocabulary: off too
     min_p: Probability | None = None
     repetition_penalty: PositiveFloat | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
 
 
 class ContentPart(Struct):
@@ -104,7 +114,7 @@ class ChatCompletionRequest(Sampling, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # one call per forced answer; free answers may hold several
     reasoning_effort: str | None = None
@@ -138,10 +148,11 @@ def to_generate(body: ChatCompletionRequest, card: ModelCard) -> Generate:
         template_kwargs.setdefault("reasoning_effort", body.reasoning_effort)  # gpt-oss style templates read it
     params = _sampling(
         body,
+        card,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    tools = body.tools if body.tools and body.tool_choice != "none" else None
+    tools = tool_schemas(body.tools) if body.tool_choice != "none" else None
     return Generate(
         id=0,
         model=card.name,
@@ -198,7 +209,9 @@ def text_to_generate(body: CompletionRequest, card: ModelCard, prompt: str) -> G
         raise BadRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise BadRequest("best_of is not supported; use n", param="best_of")
-    return Generate(id=0, model=card.name, params=_sampling(body, body.max_tokens, body.logprobs), prompt=prompt)
+    return Generate(
+        id=0, model=card.name, params=_sampling(body, card, body.max_tokens, body.logprobs), prompt=prompt
+    )
 
 
 def for_choices(generate: Generate, n: int) -> list[Generate]:
@@ -207,25 +220,27 @@ def for_choices(generate: Generate, n: int) -> list[Generate]:
     if n == 1 or seed is None:
         return [generate] * n
     return [
-        msgspec.structs.replace(generate, params=msgspec.structs.replace(generate.params, seed=seed + i))
+        msgspec.structs.replace(generate, params=msgspec.structs.replace(generate.params, seed=wrap_seed(seed + i)))
         for i in range(n)
     ]
 
 
-def _sampling(body: Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(body: Sampling, card: ModelCard, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    stop_token_ids = list(body.stop_token_ids or ())
+    check_token_ids(stop_token_ids, card, "stop_token_ids")
     return SamplingParams(
         temperature=_or(body.temperature, 1.0),
         top_p=_or(body.top_p, 1.0),
-        top_k=max(_or(body.top_k, 0), 0),
+        top_k=cap_top_k(_or(body.top_k, 0), card),
         min_p=_or(body.min_p, 0.0),
         seed=body.seed,
         repetition_penalty=_or(body.repetition_penalty, 1.0),
         presence_penalty=_or(body.presence_penalty, 0.0),
         frequency_penalty=_or(body.frequency_penalty, 0.0),
-        logit_bias=_logit_bias(body.logit_bias),
-        max_tokens=max_tokens,
+        logit_bias=_logit_bias(body.logit_bias, card),
+        max_tokens=cap_tokens(max_tokens, card),
         stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or ()),
-        stop_token_ids=list(body.stop_token_ids or ()),
+        stop_token_ids=stop_token_ids,
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,
     )
@@ -235,11 +250,13 @@ def _or(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
-def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+def _logit_bias(bias: dict[str, float] | None, card: ModelCard) -> dict[int, float]:
     try:
-        return {int(token): value for token, value in (bias or {}).items()}
+        parsed = {int(token): value for token, value in (bias or {}).items()}
     except ValueError:
         raise BadRequest('logit_bias keys must be token ids, e.g. {"50256": -100}', param="logit_bias") from None
+    check_token_ids(list(parsed), card, "logit_bias")
+    return parsed
 
 
 def _message(message: Message, index: int) -> ChatMessage:

@@ -20,7 +20,15 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from common.protocol import Delta, Done, Generate, Logprob, ToolCall
-from gateway.errors import BadRequest, ClientDisconnected, GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.errors import (
+    BadRequest,
+    ClientDisconnected,
+    GatewayError,
+    InternalError,
+    PayloadTooLarge,
+    RequestTimeout,
+)
+from gateway.observe import current_trace
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ async def decode_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
         raise BadRequest(str(exc), param=_param_of(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings only as it builds them
+        raise BadRequest(f"Request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
 
 
 def _param_of(message: str) -> str | None:
@@ -259,3 +269,14 @@ async def _guarded(
         except GatewayError as exc:
             logger.warning("stream ended by an error: %s", exc.message)
             yield error_frame(exc)
+        except Exception as exc:  # a bug: the client still gets an error event, never a stream cut without a word
+            logger.exception("stream ended by an unexpected error")
+            yield error_frame(internal_error(exc))
+
+
+def internal_error(exc: BaseException, request_id: str | None = None) -> InternalError:
+    """What a client is told of a bug: that it happened, and the request id to find it in the logs."""
+    trace = current_trace.get()
+    request_id = request_id or (trace.request_id if trace is not None else None)
+    where = f" (request id {request_id})" if request_id else ""
+    return InternalError(f"Internal server error{where}: {type(exc).__name__}")

@@ -1,8 +1,11 @@
 """Connections to workers: one DEALER socket each, a heartbeat, routing, and the in-flight table.
 
-One reader task per worker fans incoming events out to per-request queues. A worker that stops
-answering heartbeats, or comes back as a new instance, fails every request that was waiting on it.
-Every event of every request passes through `generate()`, so that is where the request metrics are taken.
+One reader task per worker fans incoming events out to per-request buffers (bounded: gateway/request_buffer.py).
+A worker that stops answering heartbeats, or comes back as a new instance, fails every request that was waiting
+on it. Whenever the gateway stops waiting for a request before its end — client gone, timeout, worker gone,
+buffer overflow — it sends Abort, and it aborts any request the worker talks about that it no longer knows, so
+nothing runs in a worker for nobody. Every event of every request passes through `generate()`, so that is where
+the request metrics are taken.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import msgspec
 import zmq
@@ -35,6 +40,7 @@ from common.protocol import (
 )
 from gateway.errors import (
     BadRequest,
+    ClientTooSlowError,
     ContextLengthExceeded,
     GatewayError,
     InternalError,
@@ -43,14 +49,13 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.metrics import Metrics
+from gateway.request_buffer import MAX_BYTES, RequestBuffer, WorkerGone
 
 logger = logging.getLogger(__name__)
 
 Event = Delta | Done | Failed
-
-
-class WorkerGone(Exception):
-    """Put on a request's queue when its worker died or restarted."""
+# Ids of finished or abandoned requests whose events still arrive, remembered so each is aborted once.
+MAX_ORPHANS = 1024
 
 
 def model_key(name: str) -> str:
@@ -72,7 +77,8 @@ class WorkerConnection:
     socket: zmq.asyncio.Socket
     info: WorkerInfo | None = None
     last_seen: float = 0.0  # monotonic time of the last message from this worker
-    queues: dict[int, asyncio.Queue[Event | WorkerGone]] = field(default_factory=dict)
+    queues: dict[int, RequestBuffer] = field(default_factory=dict)
+    orphans: OrderedDict[int, None] = field(default_factory=OrderedDict)  # unknown ids already sent an Abort
     instance: str = ""  # the last instance seen, kept while the worker is down, to count restarts
     restarts: int = 0
     refused: bool = False  # the last handshake failed (logged once, not once per reconnect)
@@ -98,8 +104,27 @@ class WorkerConnection:
         if self.queues:
             logger.warning("worker %s: %s; failing %d request(s)", self.address, reason, len(self.queues))
         for queue in self.queues.values():
-            queue.put_nowait(WorkerGone(reason))
+            queue.put(WorkerGone(reason))
         self.queues.clear()
+
+    def send_now(self, frame: bytes) -> None:
+        """Send without waiting: raises zmq.ZMQError (Again while the worker is not connected) at once. The
+        asyncio socket tries a NOBLOCK send on the spot and hands back a finished future (and wakes its readers,
+        which a send on a shadow socket would not)."""
+        future = cast("asyncio.Future[None]", self.socket.send(frame, flags=zmq.NOBLOCK))
+        if future.done():
+            future.result()
+        else:  # queued behind an earlier send: it goes when it can; its error must not be reported unretrieved
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def abandon(self, request_id: int) -> None:
+        """Abort a request nobody waits for, once: its events still in flight are dropped without another Abort.
+        Never waits: a worker that is not connected has nothing to abort, and a frozen one gets it on waking."""
+        self.orphans[request_id] = None
+        if len(self.orphans) > MAX_ORPHANS:
+            self.orphans.popitem(last=False)
+        with contextlib.suppress(zmq.ZMQError):
+            self.send_now(encode(Abort(id=request_id)))
 
 
 class WorkerPool:
@@ -115,6 +140,7 @@ class WorkerPool:
         metrics: Metrics | None = None,
         max_in_flight: int | None = None,
         curve: CurveKeys | None = None,
+        buffer_bytes: int = MAX_BYTES,
     ) -> None:
         self.context = context or zmq.asyncio.Context()
         self.heartbeat_interval = heartbeat_interval
@@ -122,6 +148,7 @@ class WorkerPool:
         self.metrics = metrics or Metrics()
         self.max_in_flight = max_in_flight
         self.curve = curve
+        self.buffer_bytes = buffer_bytes
         self.workers = [WorkerConnection(address, self._connect(address)) for address in addresses]
         for worker in self.workers:
             self.metrics.worker_down(worker.address)  # a series from the start: "down" is visible before "up"
@@ -188,18 +215,31 @@ class WorkerPool:
         """
         worker = self._pick(request.model)
         request = msgspec.structs.replace(request, id=next(self._ids))
-        queue: asyncio.Queue[Event | WorkerGone] = asyncio.Queue()
+        try:
+            frame = encode(request)
+        except (OverflowError, msgspec.EncodeError) as exc:  # the dialects range-check; this is the last guard
+            raise BadRequest(f"A value in the request is out of range: {exc}") from None
+        queue = RequestBuffer(max_bytes=self.buffer_bytes)
         worker.queues[request.id] = queue
         meter = self.metrics.meter(request.model)
         finished = False
         try:
-            await worker.socket.send(encode(request))
+            try:
+                worker.send_now(frame)  # never wait for a worker that is not connected
+            except zmq.ZMQError:
+                finished = True  # it never reached the worker: nothing to abort
+                meter.fail("worker_gone")
+                raise Unavailable(
+                    "The model worker is not connected; try again shortly", headers={"Retry-After": "1"}
+                ) from None
             while True:
                 event = await queue.get()
                 if isinstance(event, WorkerGone):
-                    finished = True
-                    meter.fail("worker_gone")
+                    meter.fail("worker_gone")  # not finished: if the worker is only frozen, the Abort reaches it
                     raise Unavailable(f"The model worker stopped while serving this request ({event})")
+                if isinstance(event, Exception):  # ClientTooSlow: the buffer gave the request up
+                    meter.fail("client_too_slow")
+                    raise ClientTooSlowError(str(event))
                 if isinstance(event, Failed):
                     finished = True
                     meter.fail(event.code)
@@ -213,10 +253,9 @@ class WorkerPool:
         finally:
             meter.close()
             worker.queues.pop(request.id, None)
-            if not finished:
+            if not finished and request.id not in worker.orphans:  # (an overflowing buffer abandoned it already)
                 logger.info("request %d: abandoned before done; sending Abort", request.id)
-                with contextlib.suppress(zmq.ZMQError):
-                    await worker.socket.send(encode(Abort(id=request.id)))
+                worker.abandon(request.id)
 
     def _pick(self, model: str) -> WorkerConnection:
         candidates = [w for w in self.workers if w.serves(model)]
@@ -247,8 +286,19 @@ class WorkerPool:
                 self._on_info(worker, message)
                 continue
             queue = worker.queues.get(message.id)
-            if queue is not None:  # else: already abandoned by its client
-                queue.put_nowait(message)
+            if queue is None:
+                self._orphan(worker, message)
+            elif not queue.put(message, len(frame)):
+                worker.queues.pop(message.id, None)  # overflowed: its reader gets the error, the worker an Abort
+                logger.warning("request %d: the client reads too slowly; aborting it", message.id)
+                worker.abandon(message.id)
+
+    def _orphan(self, worker: WorkerConnection, event: Event) -> None:
+        """An event for a request nobody waits for (any more): abort it, once, unless this was its end."""
+        if isinstance(event, Done | Failed):
+            worker.orphans.pop(event.id, None)
+        elif event.id not in worker.orphans:
+            worker.abandon(event.id)
 
     def _on_info(self, worker: WorkerConnection, info: WorkerInfo) -> None:
         if worker.info is None:
@@ -271,7 +321,7 @@ class WorkerPool:
     async def _heartbeat(self, worker: WorkerConnection) -> None:
         while True:
             with contextlib.suppress(zmq.ZMQError):  # EAGAIN while the worker is not connected
-                await worker.socket.send(encode(Info()), flags=zmq.NOBLOCK)
+                worker.send_now(encode(Info()))
             await asyncio.sleep(self.heartbeat_interval)
             silent_for = time.monotonic() - worker.last_seen
             if worker.info is not None and silent_for > self.dead_after:
@@ -309,5 +359,7 @@ def _error_for(failed: Failed) -> GatewayError:
             return ModelNotFound(failed.message)
         case "busy":
             return ServerBusy(failed.message, headers={"Retry-After": "1"})
+        case "unavailable":
+            return Unavailable(failed.message, headers={"Retry-After": "1"})
         case _:
             return InternalError(failed.message)

@@ -296,7 +296,7 @@ def test_format_becomes_a_json_schema(format_: Any, json_schema: str | None) -> 
 def test_tools_need_the_capability() -> None:
     plain = msgspec.structs.replace(CARD, capabilities=["completion"])
     with pytest.raises(BadRequest, match="does not support tools"):
-        requests.to_generate(chat_request(tools=[{"type": "function"}]), plain)
+        requests.to_generate(chat_request(tools=[{"type": "function", "function": {"name": "f"}}]), plain)
 
 
 # -- renderers ----------------------------------------------------------------------------------
