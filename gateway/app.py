@@ -19,7 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.curve import CurveKeys
-from gateway import ollama, openai
+from gateway import chat_page, ollama, openai
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, NotFound, Unavailable
@@ -146,6 +146,7 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         Route("/stats", stats_endpoint, methods=["GET"]),
         *openai.routes(),
         *ollama.routes(),
+        *chat_page.routes(root=ollama.root),
     ]
     # Outermost first. CORS outside everything, so refusals carry its headers too and a browser can read them.
     middleware = [Middleware(Observe, metrics=metrics, routes=routes), Middleware(DrainGate)]
@@ -160,7 +161,15 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         middleware.insert(0, cors)
     if config.api_keys:
         paths = open_paths(protect_health=config.protect_health, protect_metrics=config.protect_metrics)
-        middleware.append(Middleware(RequireKey, keys=config.api_keys, open_paths=paths, render=render_error))
+        middleware.append(
+            Middleware(
+                RequireKey,
+                keys=config.api_keys,
+                open_paths=paths,
+                open_request=chat_page.wants_page,
+                render=render_error,
+            )
+        )
     app = Starlette(
         routes=routes,
         middleware=middleware,
