@@ -188,7 +188,10 @@ function take(message, event, clock) {
     const delta = choice.delta || {};
     if (delta.reasoning_content) message.reasoning = (message.reasoning || "") + delta.reasoning_content;
     if (delta.content) message.content += delta.content;
-    if ((delta.content || delta.reasoning_content) && !clock.first) clock.first = performance.now();
+    if (delta.content || delta.reasoning_content) {
+      clock.last = performance.now();
+      clock.first = clock.first || clock.last;
+    }
     if (choice.finish_reason) message.finish = choice.finish_reason;
   }
   if (event.usage) message.tokens = event.usage.completion_tokens;
@@ -203,7 +206,7 @@ async function generate(conversation) {
   state.streaming = { controller, conversation, message };
   persist();
   redraw();
-  const clock = { first: 0 };
+  const clock = { first: 0, last: 0 };
   try {
     for await (const event of api.chat(requestBody(conversation), controller.signal)) {
       take(message, event, clock);
@@ -215,9 +218,8 @@ async function generate(conversation) {
     if (!controller.signal.aborted) message.error = error.message;
     if (error instanceof AuthError) askForKey("The server wants an API key; then press Regenerate.");
   } finally {
-    // Speed as the reader saw it: tokens over the time since the first one arrived.
-    if (clock.first) message.seconds = (performance.now() - clock.first) / 1000;
-    if (!message.tokens) delete message.seconds;
+    // Decode speed as the reader saw it: the tokens after the first, over the time from the first to the last.
+    if (message.tokens > 1 && clock.last > clock.first) message.seconds = (clock.last - clock.first) / 1000;
     state.streaming = null;
     persist();
     redraw();

@@ -38,7 +38,9 @@ function statsText(message) {
   if (message.state === "stopped") parts.push("stopped");
   if (message.finish === "length") parts.push("cut at the token limit");
   if (message.tokens) parts.push(`${message.tokens} tokens`);
-  if (message.tokens && message.seconds > 0) parts.push(`${(message.tokens / message.seconds).toFixed(1)} tok/s`);
+  if (message.tokens > 1 && message.seconds > 0) {
+    parts.push(`${((message.tokens - 1) / message.seconds).toFixed(1)} tok/s`);
+  }
   return parts.join(" · ");
 }
 
