@@ -20,7 +20,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.curve import CurveKeys
-from gateway import ollama, openai, router_info
+from gateway import chat_page, ollama, openai, router_info
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, NotFound, Unavailable
@@ -164,6 +164,7 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         *openai.routes(),
         *ollama.routes(),
         *router_info.routes(),
+        *chat_page.routes(root=ollama.root),
     ]
     # Outermost first. CORS outside everything, so refusals carry its headers too and a browser can read them.
     middleware = [Middleware(Observe, metrics=metrics, routes=routes), Middleware(DrainGate)]
@@ -178,7 +179,15 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         middleware.insert(0, cors)
     if config.api_keys:
         paths = open_paths(protect_health=config.protect_health, protect_metrics=config.protect_metrics)
-        middleware.append(Middleware(RequireKey, keys=config.api_keys, open_paths=paths, render=render_error))
+        middleware.append(
+            Middleware(
+                RequireKey,
+                keys=config.api_keys,
+                open_paths=paths,
+                open_request=chat_page.wants_page,
+                render=render_error,
+            )
+        )
     app = Starlette(
         routes=routes,
         middleware=middleware,

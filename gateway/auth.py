@@ -1,6 +1,7 @@
 """Optional API keys: `Authorization: Bearer <key>` on both dialects' routes, compared in constant time.
 
 Health and metrics stay open by default (probes and scrapers rarely carry secrets); flags close them too.
+The chat page and its files are always open: they hold no secret, and the page must load to ask for a key.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from gateway.errors import GatewayError, Unauthorized
 
 HEALTH_PATHS = ("/health",)  # and everything under it: /health/live, /health/ready
 METRICS_PATHS = ("/metrics", "/stats")
+PAGE_PATHS = ("/chat",)  # the chat page and everything under /chat/assets/
 
 
 def read_key_file(path: Path) -> list[str]:
@@ -28,7 +30,7 @@ def read_key_file(path: Path) -> list[str]:
 
 
 def open_paths(*, protect_health: bool, protect_metrics: bool) -> tuple[str, ...]:
-    return (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
+    return PAGE_PATHS + (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
 
 
 def is_open(path: str, paths: Iterable[str]) -> bool:
@@ -45,7 +47,8 @@ def matches_a_key(authorization: str, keys: Iterable[bytes]) -> bool:
 
 
 class RequireKey:
-    """Pure ASGI: a request without a valid key ends here with 401 in its dialect's shape."""
+    """Pure ASGI: a request without a valid key ends here with 401 in its dialect's shape. `open_request` lets
+    through what a path alone cannot tell apart: a browser opening `/` (the chat page) from an Ollama client."""
 
     def __init__(
         self,
@@ -53,14 +56,21 @@ class RequireKey:
         keys: Iterable[str],
         open_paths: tuple[str, ...],
         render: Callable[[str, GatewayError], Response],
+        open_request: Callable[[Scope], bool] = lambda scope: False,
     ) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
         self.open_paths = open_paths
         self.render = render
+        self.open_request = open_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or is_open(scope["path"], self.open_paths):
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or is_open(scope["path"], self.open_paths)
+            or self.open_request(scope)
+        ):
             await self.app(scope, receive, send)
             return
         authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"").decode("latin-1")

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUEST_ID = "x-request-id"
-QUIET_PATHS = ("/health", "/metrics", "/stats")  # polled all day by probes and scrapers: DEBUG, not INFO
+# Polled all day by probes and scrapers, or fetched by the dozen with each chat page: DEBUG, not INFO.
+QUIET_PATHS = ("/health", "/metrics", "/stats", "/chat/assets/")
 METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}  # any other is labelled `other`
 
 
@@ -33,6 +34,8 @@ def dialect_of(path: str) -> str:
         return "openai"
     if path == "/" or path.startswith("/api/"):
         return "ollama"
+    if path == "/chat" or path.startswith("/chat/"):
+        return "page"
     return "ops"
 
 

@@ -275,6 +275,7 @@ async def generate(request: Request) -> Response:
 
 
 async def root(request: Request) -> Response:
+    """`/` for Ollama's clients (their health check); gateway.chat_page routes it and answers browsers itself."""
     return PlainTextResponse("Ollama is running")
 
 
@@ -301,7 +302,6 @@ async def show_model(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/", root, methods=["GET", "HEAD"]),
         Route("/api/version", version, methods=["GET"]),
         Route("/api/tags", tags, methods=["GET"]),
         Route("/api/ps", ps, methods=["GET"]),
