@@ -70,6 +70,8 @@ async def decode_body(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
         raise BadRequest(f"Request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings only as it builds them
         raise BadRequest(f"Request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    except RecursionError:  # found by tests/unit/test_fuzz.py: {"a":{"a":… 20,000 deep
+        raise BadRequest("Request body is nested too deeply") from None
 
 
 def _param_of(message: str) -> str | None:

@@ -1,0 +1,157 @@
+"""Random and adversarial request bodies for every route of both dialects, and the properties every answer must
+have. Shared by the bounded run in the test suite (tests/unit/test_fuzz.py) and the long run (bench/fuzz.py).
+
+Bodies are mostly mutations of a valid request — one to three fields replaced by hostile values, unknown fields
+added — so that they get past the first check and reach the deep ones; the rest are raw bytes: broken JSON,
+invalid UTF-8, deep nesting, huge arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from hypothesis import strategies as st
+
+MODEL = "tiny"  # replaced by the served model's name at run time (`Route.body` takes it)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    dialect: str  # "openai" or "ollama": the error shape its answers must have
+    base: dict[str, Any]  # a valid body ({} for GET); "$model" stands for the served model's name
+    fields: tuple[str, ...]  # the fields worth attacking (nested ones as "options.seed")
+
+    def body(self, model: str) -> dict[str, Any]:
+        return json.loads(json.dumps(self.base).replace('"$model"', json.dumps(model)))
+
+
+HI = [{"role": "user", "content": "Hi"}]
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "n", "max_tokens", "presence_penalty",
+            "frequency_penalty", "logit_bias", "repetition_penalty", "stop_token_ids", "ignore_eos", "stream",
+            "stream_options", "logprobs")  # fmt: skip
+OLLAMA_OPTIONS = ("options.temperature", "options.top_p", "options.top_k", "options.min_p", "options.seed",
+                  "options.num_predict", "options.stop", "options.repeat_penalty", "options.presence_penalty",
+                  "options.num_ctx", "options")  # fmt: skip
+ROUTES = (
+    Route("POST", "/v1/chat/completions", "openai", {"model": "$model", "messages": HI, "max_tokens": 4},
+          ("model", "messages", "messages.0", "messages.0.role", "messages.0.content", "messages.0.tool_calls",
+           "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+           "chat_template_kwargs", "reasoning_effort", *SAMPLING)),
+    Route("POST", "/v1/completions", "openai", {"model": "$model", "prompt": "Hi", "max_tokens": 4},
+          ("model", "prompt", "echo", "suffix", "best_of", *SAMPLING)),
+    Route("POST", "/api/chat", "ollama", {"model": "$model", "messages": HI, "stream": False,
+                                          "options": {"num_predict": 4}},
+          ("model", "messages", "messages.0.role", "messages.0.content", "messages.0.images", "tools", "format",
+           "think", "keep_alive", "logprobs", "top_logprobs", "stream", *OLLAMA_OPTIONS)),
+    Route("POST", "/api/generate", "ollama", {"model": "$model", "prompt": "Hi", "stream": False,
+                                              "options": {"num_predict": 4}},
+          ("model", "prompt", "system", "raw", "suffix", "template", "images", "context", "format", "think",
+           "stream", *OLLAMA_OPTIONS)),
+    Route("POST", "/api/show", "ollama", {"model": "$model"}, ("model", "name", "verbose")),
+)  # fmt: skip
+
+# Values that have broken servers: numbers past 64 bits, extremes of float, empty and odd strings, wrong types.
+EDGE_NUMBERS = st.sampled_from([0, -1, 1, 2**31, 2**63 - 1, 2**63, 2**64, 2**70, -(2**63) - 1, 1e308, -1e308,
+                                1e-320, 0.5, -0.0, 3.4e38])  # fmt: skip
+EDGE_STRINGS = st.sampled_from(["", " ", "\x00", "\ud7ff", "\U0010ffff", "a" * 5000, "<think>", "</tool_call>",
+                                "{{ raise('x') }}", "{% for x in range(10**9) %}", "🦙" * 50, "null", "-1",
+                                "18446744073709551616", "\u202e\u0000\ufffd"])  # fmt: skip
+LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+    EDGE_NUMBERS,
+    EDGE_STRINGS,
+)
+VALUES = st.recursive(
+    LEAVES,
+    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=12), children, max_size=6),
+    max_leaves=24,
+)
+
+class Raw(bytes):
+    """A raw body whose repr stays short: a falsifying example of 200 kB would drown the report."""
+
+    def __repr__(self) -> str:
+        head = bytes(self[:60])
+        return f"Raw({head!r}{'…' if len(self) > 60 else ''}, {len(self)} bytes)"
+
+
+RAW_BODIES = st.sampled_from([Raw(body) for body in [
+    b"", b"{", b"[]", b"null", b"42", b'"text"', b"{\"model\": }", b"\xff\xfe\x00", b'{"model": "\xc3\x28"}',
+    b'{"model": "m", "messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',  # a UTF-8-encoded surrogate
+    b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    b'{"model": "m", "messages": [' + b'{"role": "user", "content": "x"},' * 50_000 + b'{"role": "user"}]}',
+    b'{"model": "m", "temperature": NaN}', b'{"model": "m", "temperature": Infinity}', b'{"model": "m", "n": 1e999}',
+    b'{"model": "m", "model": "m"}', b"\x00" * 1000,
+]])  # fmt: skip
+
+
+@st.composite
+def mutated(draw: st.DrawFn, route: Route, model: str) -> dict[str, Any]:
+    """A valid body of `route` with one to three of its fields replaced (or removed), and maybe unknown ones."""
+    body = route.body(model)
+    for path in draw(st.lists(st.sampled_from(route.fields), min_size=1, max_size=3, unique=True)):
+        _set(body, path.split("."), draw(st.one_of(VALUES, st.just(_DELETE))))
+    if draw(st.booleans()):
+        body[draw(st.text(min_size=1, max_size=12))] = draw(VALUES)
+    return body
+
+
+_DELETE = object()
+
+
+def _set(body: Any, keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        index: Any = int(key) if isinstance(body, list) and key.isdigit() else key
+        if isinstance(body, list) and not (isinstance(index, int) and index < len(body)):
+            return
+        if isinstance(body, dict) and not isinstance(body.get(index), dict | list):
+            body[index] = {}
+        body = body[index]
+    last: Any = keys[-1]
+    if isinstance(body, list):
+        if last.isdigit() and int(last) < len(body):
+            body[int(last)] = None if value is _DELETE else value
+    elif isinstance(body, dict):
+        if value is _DELETE:
+            body.pop(last, None)
+        else:
+            body[last] = value
+
+
+def encoded(body: Any) -> bytes:
+    """JSON the way a client would send it; Python ints of any size stay exact."""
+    return json.dumps(body, ensure_ascii=False).encode("utf-8", errors="surrogatepass")
+
+
+def check_answer(route: Route, response: httpx.Response) -> None:
+    """The properties every answer has: no 5xx; an error is the dialect's JSON error shape; a stream is framed."""
+    status, text = response.status_code, response.text
+    assert status < 500, f"{route.path}: {status} {text[:500]}"
+    if status >= 400:
+        body = response.json()
+        if route.dialect == "openai":
+            assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
+        else:
+            assert set(body) == {"error"} and isinstance(body["error"], str), body
+        return
+    kind = response.headers.get("content-type", "")
+    if kind.startswith("text/event-stream"):
+        events = [line for line in text.split("\n\n") if line]
+        assert events and all(event.startswith("data: ") for event in events), text[:500]
+        assert events[-1] == "data: [DONE]" or "error" in json.loads(events[-1][6:]), events[-1]
+        for event in events[:-1]:
+            json.loads(event[6:])
+    elif kind.startswith("application/x-ndjson"):
+        lines = [json.loads(line) for line in text.splitlines() if line]
+        assert lines and (lines[-1].get("done") is True or "error" in lines[-1]), lines[-1:]
+    else:
+        json.loads(text)
