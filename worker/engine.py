@@ -33,6 +33,7 @@ from common.protocol import (
 from worker.detokenizer import IncrementalDetokenizer, ReasoningSplitter, StopMatcher, ToolCallParser
 from worker.grammar import GrammarError, Grammars, Matcher
 from worker.kv_blocks import BlockManager
+from worker.memory import MemoryGauge
 from worker.models import LoadedModel
 from worker.runner import ModelRunner, SeqChunk
 from worker.sampler import Sampler, SamplingState
@@ -114,6 +115,7 @@ class Engine:
         self.instance = uuid.uuid4().hex
         self._unreported_load = loaded.load_seconds  # reported once, by the first request to finish
         self.started_at = time.time()
+        self.memory = MemoryGauge(loaded.device)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)",
             num_blocks,
@@ -204,6 +206,8 @@ class Engine:
         params = request.params
         room = self.context_length - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
+        if params.max_total_tokens is not None:
+            max_tokens = min(max_tokens, self._room_within(params.max_total_tokens, len(prompt_ids)))
         reasoning = None
         # A chat answer is split unless thinking is off; a raw prompt's continuation only when asked to (Ollama's
         # raw generate with think), so /v1/completions gets back exactly the text the model wrote.
@@ -225,6 +229,17 @@ class Engine:
             grammar=grammar,
         )
         return Sequence(key, list(prompt_ids), len(prompt_ids), max_tokens, state=state)
+
+    @staticmethod
+    def _room_within(max_total_tokens: int, num_prompt_tokens: int) -> int:
+        """Hugging Face's max_length counts the prompt too; like transformers, a prompt that fills it is an error."""
+        if num_prompt_tokens >= max_total_tokens:
+            raise RequestError(
+                "context_length",
+                f"The prompt is {num_prompt_tokens} tokens, but max_length (prompt and output) is {max_total_tokens}: "
+                "raise max_length or shorten the prompt.",
+            )
+        return max_total_tokens - num_prompt_tokens
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -373,6 +388,7 @@ class Engine:
 
     def info(self) -> WorkerInfo:
         queries = self.blocks.num_prefix_queries
+        memory_used, memory_total = self.memory.read()
         return WorkerInfo(
             instance=self.instance,
             pid=os.getpid(),
@@ -386,6 +402,9 @@ class Engine:
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
             prefix_cache_hit_rate=self.blocks.num_prefix_hits / queries if queries else 0.0,
+            num_accelerators=self.memory.num_accelerators,
+            memory_used_bytes=memory_used,
+            memory_total_bytes=memory_total,
         )
 
 
