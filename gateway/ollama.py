@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from common.protocol import (
@@ -274,10 +274,6 @@ async def generate(request: Request) -> Response:
     return await _answer(request, body, started)
 
 
-async def root(request: Request) -> Response:
-    return PlainTextResponse("Ollama is running")
-
-
 async def version(request: Request) -> Response:
     return JSONBody({"version": request.app.state.config.version})
 
@@ -301,7 +297,6 @@ async def show_model(request: Request) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/", root, methods=["GET", "HEAD"]),
         Route("/api/version", version, methods=["GET"]),
         Route("/api/tags", tags, methods=["GET"]),
         Route("/api/ps", ps, methods=["GET"]),
