@@ -69,6 +69,9 @@ def to_generate(request: Request, body: ThinkingRequest, card: ModelCard) -> Gen
     if "thinking" not in card.capabilities:
         raise BadRequest(f"The model '{card.name}' does not support thinking")
     budget = thinking_budget(body.thinking_depth)
+    cap = request.app.state.config.seed_max_tokens
+    if cap is not None:
+        budget = min(budget, cap // 2)  # under --seed-max-tokens, half the output stays for the answer
     # Qwen3's recommended sampling for thinking; logprobs 0: the chosen tokens' own, for the confidence.
     params = seeds.sampling(
         request,

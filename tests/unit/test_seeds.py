@@ -226,6 +226,11 @@ async def test_thinking_runs_with_thinking_on_a_budget_and_a_confidence() -> Non
     assert answer["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
 
 
+async def test_under_seed_max_tokens_the_thinking_budget_leaves_half_for_the_answer() -> None:
+    sent = await sent_for("POST", "/thinking", {"question": "q", "thinking_depth": 5}, seed_max_tokens=16)
+    assert (sent.params.thinking_budget, sent.params.max_tokens) == (8, 16)
+
+
 async def test_thinking_without_an_answer_has_confidence_zero() -> None:
     async with client_for(FakePool([Delta(id=0, reasoning="hm", logprobs=logprob(-1.0)), done()])) as client:
         answer = (await client.post("/thinking", json={"question": "q"})).json()
