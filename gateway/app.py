@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.curve import CurveKeys
-from gateway import llamafactory, ollama, openai, qwen3_service, qwen_chat, seeds, thinking_service
+from gateway import llamafactory, ollama, openai, openapi, qwen3_service, qwen_chat, seeds, thinking_service
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, NotFound, Unavailable
@@ -179,6 +179,7 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         *openai.routes(),
         *ollama.routes(),
         *seed_routes(),
+        *openapi.routes(),
     ]
     # Outermost first. CORS outside everything, so refusals carry its headers too and a browser can read them.
     middleware = [Middleware(Observe, metrics=metrics, routes=routes), Middleware(DrainGate)]

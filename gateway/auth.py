@@ -16,6 +16,7 @@ from gateway.errors import GatewayError, Unauthorized
 
 HEALTH_PATHS = ("/health",)  # and everything under it: /health/live, /health/ready
 METRICS_PATHS = ("/metrics", "/stats")
+DOCS_PATHS = ("/openapi.json", "/docs", "/redoc")  # always open: the API's description, not the API
 
 
 def read_key_file(path: Path) -> list[str]:
@@ -28,7 +29,7 @@ def read_key_file(path: Path) -> list[str]:
 
 
 def open_paths(*, protect_health: bool, protect_metrics: bool) -> tuple[str, ...]:
-    return (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
+    return DOCS_PATHS + (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
 
 
 def is_open(path: str, paths: Iterable[str]) -> bool:
