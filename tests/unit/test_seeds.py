@@ -249,12 +249,16 @@ async def test_thinking_needs_a_thinking_model() -> None:
 # -- batches are one batch ----------------------------------------------------------------------
 
 
+def echo(request: Generate) -> str:
+    return request.prompt or (request.messages or [ChatMessage(role="user")])[0].content
+
+
 class BarrierPool(FakePool):
     """Holds every request's answer until `size` requests are in: a route that sent them one at a time would
     never get its first answer."""
 
     def __init__(self, size: int) -> None:
-        super().__init__(lambda request: [Delta(id=0, text=request.messages[0].content), done()])  # type: ignore[index]
+        super().__init__(lambda request: [Delta(id=0, text=echo(request)), done()])
         self.size = size
         self.started = 0
         self.all_in = asyncio.Event()
