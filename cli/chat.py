@@ -178,6 +178,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-q", "--query", help="answer this prompt once and exit")
     parser.add_argument("--hidethinking", action="store_true", help="do not show the model's thinking")
     parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=None, help="ask for thinking, or not")
+    parser.add_argument(
+        "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="as /set parameter"
+    )
     args = parser.parse_args(argv)
     with httpx.Client(base_url=args.url.rstrip("/"), timeout=httpx.Timeout(10, read=None)) as client:
         try:
@@ -187,6 +190,8 @@ def main(argv: list[str]) -> int:
             return 1
         hide = args.hidethinking or (args.query is not None and not sys.stdout.isatty())  # a script wants the answer
         session = Session(client, model, sys.stdout, think=args.think, hide_thinking=hide)
+        for name, value in args.parameter:
+            session.set_parameter(name, value)
         if args.query is not None:
             session.ask(args.query)
             return 0

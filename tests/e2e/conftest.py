@@ -139,9 +139,10 @@ def converted_default_model() -> Path:
     return copies[-1].parent
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def thinking_server(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default model's weights behind a Qwen3-style template: capabilities completion, tools, thinking."""
+    """The default model's weights behind a Qwen3-style template: capabilities completion, tools, thinking.
+    One for the session, started by the first module that needs it."""
     folder = tmp_path_factory.mktemp("models") / "SmolLM2-Qwen3-template"
     folder.mkdir()
     source = converted_default_model()
