@@ -32,7 +32,7 @@ SSE, NDJSON, TEXT = "text/event-stream", "application/x-ndjson", "text/plain"
 class Operation:
     method: str
     path: str
-    tag: str
+    tag: str  # "; " between several
     summary: str
     request: Any = None  # a msgspec type; None: no body
     answer: Any = None  # the JSON answer's type; None: `media` only
@@ -106,7 +106,7 @@ def _operation(op: Operation, schema_of: dict[Any, dict[str, Any]]) -> dict[str,
     if op.stream:
         content.update(_content(op.stream, None))
     result: dict[str, Any] = {
-        "tags": [op.tag],
+        "tags": op.tag.split("; "),
         "summary": op.summary,
         "operationId": f"{op.method.lower()} {op.path}",
         "responses": {"200": {"description": "OK", "content": content}},
@@ -137,6 +137,7 @@ def document(version: str) -> dict[str, Any]:
             "version": version,
             "description": "OpenAI and Ollama compatible LLM server, and the seed services' own APIs.",
         },
+        "tags": [{"name": tag} for tag in (OPENAI, OLLAMA, TANDEM, SEED_000, SEED_001, SEED_002, SEED_003)],
         "paths": paths,
         "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{}, {"bearer": []}],  # a key only where the server was started with --api-key
