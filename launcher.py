@@ -7,6 +7,8 @@ Ctrl-C or SIGTERM stops the gateway first (in-flight streams get a grace period)
 `--gateways N` runs N gateway processes on one listening socket that the launcher opens and hands down;
 their metrics meet in one prometheus-client multiprocess folder, so any of them answers /metrics for all.
 `python launcher.py keygen DIR` writes the CURVE keys for workers on other hosts (see README, Operations).
+`python launcher.py batch IN.jsonl OUT.jsonl` runs an OpenAI Batch file; `python launcher.py chat` chats in the
+terminal (see cli/).
 """
 
 from __future__ import annotations
@@ -331,6 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["keygen"]:
         logs.configure()
         return keygen_main(argv[1:])
+    if argv[:1] == ["batch"]:
+        from cli import batch  # the client commands' imports (tqdm, readline) are not the server's
+
+        logs.configure()
+        return batch.main(argv[1:])
+    if argv[:1] == ["chat"]:
+        from cli import chat
+
+        return chat.main(argv[1:])
     config = parse_args(argv)
     logs.configure("info", config.log_format)
     return Launcher(config).run()

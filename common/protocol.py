@@ -39,6 +39,12 @@ class SamplingParams(Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None  # top-N alternatives per token
     json_schema: str | None = None  # constrain the output to JSON this JSON Schema (as text) accepts; "{}": any
+    # Hugging Face's max_length: prompt and output together (the seed services pass it to transformers). The worker
+    # caps max_tokens with it once the prompt is tokenized; a prompt that already fills it fails as context_length.
+    max_total_tokens: PositiveInt | None = None
+    # The most reasoning tokens before the worker closes the think block and the answer begins (/thinking's
+    # thinking_depth). Not enforced by the worker yet: the field travels, the engine ignores it.
+    thinking_budget: NonNegativeInt | None = None
 
 
 class ToolCallFunction(Struct, omit_defaults=True):
@@ -175,6 +181,7 @@ class ModelCard(Struct, omit_defaults=True):
     family: str = ""
     format: str = ""  # "gguf", "safetensors"
     vocab_size: int = 0  # token ids run from 0 to vocab_size - 1 (logit_bias and stop_token_ids are checked against it)
+    source: str = ""  # what the worker loaded: a .gguf file, a folder or a hub id
 
 
 class WorkerInfo(Struct, tag=True, omit_defaults=True):
@@ -192,6 +199,9 @@ class WorkerInfo(Struct, tag=True, omit_defaults=True):
     kv_blocks_total: int = 0
     kv_blocks_used: int = 0
     prefix_cache_hit_rate: float = 0.0
+    num_accelerators: int = 0  # CUDA devices the worker process sees
+    memory_used_bytes: int = 0  # on the worker's device: CUDA memory torch holds, or the process's resident memory
+    memory_total_bytes: int = 0  # the device's memory, or the host's RAM on CPU
 
 
 ToWorker = Generate | Abort | Info

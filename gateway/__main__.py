@@ -57,6 +57,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
         action="store_true",
         help="also send thinking as `reasoning` beside `reasoning_content` (OpenAI routes)",
     )
+    seeds = parser.add_argument_group("seed services' APIs")
+    seeds.add_argument(
+        "--seed-max-tokens",
+        type=int,
+        default=None,
+        help="most output tokens on the seed services' routes, whatever the request asks (default: their own limits)",
+    )
+    seeds.add_argument(
+        "--root-json",
+        action="store_true",
+        help="GET / answers the JSON service description (seed 003) unless the client asks for text/plain",
+    )
     security = parser.add_argument_group("security")
     security.add_argument("--api-key", action="append", default=[], help="accepted API key (repeatable)")
     security.add_argument(
@@ -104,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
         curve_server_key=args.curve_server_key,
         curve_client_key=args.curve_client_key,
         metrics_dir=Path(metrics_dir) if metrics_dir else None,
+        seed_max_tokens=args.seed_max_tokens,
+        root_json=args.root_json,
     )
     return config, args
 

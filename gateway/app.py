@@ -16,16 +16,28 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.curve import CurveKeys
-from gateway import chat_page, ollama, openai, router_info
+from gateway import (
+    chat_page,
+    llamafactory,
+    ollama,
+    openai,
+    openapi,
+    qwen3_service,
+    qwen_chat,
+    router_info,
+    seeds,
+    thinking_service,
+)
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.metrics import Metrics, metrics_endpoint
 from gateway.observe import REQUEST_ID, Observe
+from gateway.root import root
 from gateway.stats import stats_endpoint
 from gateway.streaming import internal_error
 from gateway.workers import WorkerConnection, WorkerPool
@@ -33,17 +45,32 @@ from gateway.workers import WorkerConnection, WorkerPool
 logger = logging.getLogger(__name__)
 
 
+SEED_DIALECTS = (qwen3_service, thinking_service, qwen_chat, llamafactory)  # the seed services' APIs, one module each
+
+
+def seed_routes() -> list[BaseRoute]:
+    return [route for dialect in SEED_DIALECTS for route in dialect.routes()]
+
+
+# Where errors take FastAPI's {"detail"} shape. `/` is Ollama's for GET and seed 002's for POST: told by the method.
+SEED_PATHS = frozenset(str(getattr(route, "path", "")) for route in seed_routes()) - {"/"}
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
-def render_error(path: str, exc: GatewayError) -> Response:
-    return openai.render_error(exc) if is_openai_path(path) else ollama.render_error(exc)
+def render_error(path: str, exc: GatewayError, method: str = "GET") -> Response:
+    if is_openai_path(path):
+        return openai.render_error(exc)
+    if path in SEED_PATHS or (method, path) == ("POST", "/"):
+        return seeds.render_error(exc)
+    return ollama.render_error(exc)
 
 
 async def render_gateway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return render_error(request.url.path, exc)
+    return render_error(request.url.path, exc, request.method)
 
 
 async def render_unexpected(request: Request, exc: Exception) -> Response:
@@ -84,23 +111,38 @@ def worker_view(worker: WorkerConnection) -> dict[str, Any]:
         "running": info.num_running if info else 0,
         "waiting": info.num_waiting if info else 0,
         "kv_cache_usage": round(kv_usage, 4),
+        "accelerators": info.num_accelerators if info else 0,
+        "memory_used_bytes": info.memory_used_bytes if info else 0,
+        "memory_total_bytes": info.memory_total_bytes if info else 0,
         "in_flight": worker.num_in_flight,
         "restarts": worker.restarts,
     }
 
 
 async def ready(request: Request) -> Response:
-    """Readiness (`/health`, `/health/ready`): 200 once a worker answers, 503 before and while draining."""
+    """Readiness (`/health`, `/health/ready`): 200 once a worker answers, 503 before and while draining.
+
+    Also every field the seed services documented for their /health: seed 003's `model_loaded`, `model_name`,
+    seed 001's `gpu_available` and `memory`, and their `status: "healthy"`."""
     state = request.app.state
     pool: WorkerPool = state.pool
-    status = "draining" if state.draining else "ok" if pool.is_ready else "starting"
+    status = "draining" if state.draining else "healthy" if pool.is_ready else "starting"
+    models = pool.models() if pool.is_ready else []
+    infos = [w.info for w in pool.workers if w.info is not None]
     body = {
         "status": status,
         "gateway_pid": os.getpid(),  # which of several gateway processes (launcher --gateways N) answered
+        "model_loaded": bool(models),
+        "model_name": models[0].name if models else None,
+        "gpu_available": any(info.num_accelerators for info in infos),
+        "memory": {
+            "used_bytes": sum(info.memory_used_bytes for info in infos),
+            "total_bytes": sum(info.memory_total_bytes for info in infos),
+        },
         "uptime_s": round(time.time() - state.started_at, 3),
         "workers": [worker_view(w) for w in pool.workers],
     }
-    return JSONResponse(body, status_code=200 if status == "ok" else 503)
+    return JSONResponse(body, status_code=200 if status == "healthy" else 503)
 
 
 async def live(request: Request) -> Response:
@@ -127,7 +169,7 @@ class DrainGate:
         error = Unavailable(
             "The server is shutting down; retry shortly", headers={"Retry-After": "1", "Connection": "close"}
         )
-        await render_error(path, error)(scope, receive, send)
+        await render_error(path, error, scope.get("method", "GET"))(scope, receive, send)
 
 
 def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlette:
@@ -164,7 +206,9 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         *openai.routes(),
         *ollama.routes(),
         *router_info.routes(),
-        *chat_page.routes(root=ollama.root),
+        *chat_page.routes(root=root),
+        *seed_routes(),
+        *openapi.routes(),
     ]
     # Outermost first. CORS outside everything, so refusals carry its headers too and a browser can read them.
     middleware = [Middleware(Observe, metrics=metrics, routes=routes), Middleware(DrainGate)]

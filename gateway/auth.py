@@ -18,6 +18,7 @@ from gateway.errors import GatewayError, Unauthorized
 HEALTH_PATHS = ("/health",)  # and everything under it: /health/live, /health/ready
 METRICS_PATHS = ("/metrics", "/stats")
 PAGE_PATHS = ("/chat",)  # the chat page and everything under /chat/assets/
+DOCS_PATHS = ("/openapi.json", "/docs", "/redoc")  # always open: the API's description, not the API
 
 
 def read_key_file(path: Path) -> list[str]:
@@ -30,7 +31,8 @@ def read_key_file(path: Path) -> list[str]:
 
 
 def open_paths(*, protect_health: bool, protect_metrics: bool) -> tuple[str, ...]:
-    return PAGE_PATHS + (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
+    always = PAGE_PATHS + DOCS_PATHS
+    return always + (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
 
 
 def is_open(path: str, paths: Iterable[str]) -> bool:

@@ -22,6 +22,12 @@ class BadRequest(GatewayError):
     type = "invalid_request_error"
 
 
+class InvalidBody(BadRequest):
+    """A body that is not JSON or does not fit the route, on the seed services' routes: FastAPI answers 422."""
+
+    status = 422
+
+
 class ContextLengthExceeded(BadRequest):
     code = "context_length_exceeded"
 

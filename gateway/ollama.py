@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from common.protocol import (
@@ -272,11 +272,6 @@ async def generate(request: Request) -> Response:
     started = time.perf_counter_ns()
     body = await decode_body(request, generate_decoder)
     return await _answer(request, body, started)
-
-
-async def root(request: Request) -> Response:
-    """`/` for Ollama's clients (their health check); gateway.chat_page routes it and answers browsers itself."""
-    return PlainTextResponse("Ollama is running")
 
 
 async def version(request: Request) -> Response:

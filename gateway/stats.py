@@ -17,7 +17,11 @@ from prometheus_client.metrics_core import Metric
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-GENERATION_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"}
+# Counted when POSTed: `/` is seed 002's chat as a POST, Ollama's probe as a GET.
+GENERATION_ENDPOINTS = {
+    *("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate"),
+    *("/api/v1/chat", "/api/v1/chat/stream", "/", "/generate", "/thinking", "/batch_generate", "/chat", "/batch"),
+}
 LATENCIES = {
     "time_to_first_token": "tandem:time_to_first_token_seconds",
     "inter_token": "tandem:inter_token_latency_seconds",
@@ -30,7 +34,7 @@ def summarize(families: Iterable[Metric], uptime: float) -> dict[str, Any]:
     by_name = {family.name: family for family in families}
     by_status: dict[str, float] = defaultdict(float)
     for sample in _samples(by_name, "tandem:http_requests", "_total"):
-        if sample.labels.get("endpoint") in GENERATION_ENDPOINTS:
+        if sample.labels.get("endpoint") in GENERATION_ENDPOINTS and sample.labels.get("method") == "POST":
             by_status[sample.labels["status"]] += sample.value
     total = sum(by_status.values())
     succeeded = sum(count for status, count in by_status.items() if status.startswith("2"))
@@ -39,6 +43,13 @@ def summarize(families: Iterable[Metric], uptime: float) -> dict[str, Any]:
     inter_token = latencies["inter_token"]["mean"]
     return {
         "uptime_s": round(uptime, 3),
+        # seed 001's figures, flat: request counts, success rate, mean response time, uptime (seconds)
+        "total_requests": int(total),
+        "successful_requests": int(succeeded),
+        "failed_requests": int(total - succeeded),
+        "success_rate": round(succeeded / total, 4) if total else None,
+        "average_response_time": latencies["end_to_end"]["mean"],
+        "uptime": round(uptime, 3),
         "requests": {
             "total": int(total),
             "succeeded": int(succeeded),

@@ -205,6 +205,12 @@ class WorkerPool:
                 return card
         raise ModelNotFound(name)
 
+    async def ensure_loaded(self, name: str) -> ModelCard:
+        """Make `name` ready to serve (seed 000's POST /api/v1/model/load). The model registry will start a worker
+        for it here; until then this only checks that a ready worker serves it (503 if none is ready, 404 if no
+        worker serves that name)."""
+        return self.find_model(name)
+
     def num_in_flight(self) -> int:
         return sum(worker.num_in_flight for worker in self.workers)
 

@@ -23,6 +23,7 @@ from common.protocol import Done, ErrorCode, Failed, Generate, ToGateway, Usage,
 from worker.grammar import Grammars
 from worker.intake import Intake, RequestError
 from worker.kv_blocks import BlockManager
+from worker.memory import MemoryGauge
 from worker.models import LoadedModel
 from worker.output import Output, RequestState, done
 from worker.runner import ModelRunner, SeqChunk
@@ -86,6 +87,7 @@ class Engine:
         self.instance = uuid.uuid4().hex
         self._unreported_load = loaded.load_seconds  # reported once, by the first request to finish
         self.started_at = time.time()
+        self.memory = MemoryGauge(loaded.device)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)",
             num_blocks,
@@ -252,6 +254,7 @@ class Engine:
 
     def info(self) -> WorkerInfo:
         queries = self.blocks.num_prefix_queries
+        memory_used, memory_total = self.memory.read()
         return WorkerInfo(
             instance=self.instance,
             pid=os.getpid(),
@@ -265,4 +268,7 @@ class Engine:
             kv_blocks_total=self.blocks.num_blocks,
             kv_blocks_used=self.blocks.num_used,
             prefix_cache_hit_rate=self.blocks.num_prefix_hits / queries if queries else 0.0,
+            num_accelerators=self.memory.num_accelerators,
+            memory_used_bytes=memory_used,
+            memory_total_bytes=memory_total,
         )

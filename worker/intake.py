@@ -98,6 +98,8 @@ class Intake:
         params = request.params
         room = self.context_length - len(prompt_ids)
         max_tokens = min(params.max_tokens or room, room)
+        if params.max_total_tokens is not None:
+            max_tokens = min(max_tokens, _room_within(params.max_total_tokens, len(prompt_ids)))
         reasoning = None
         # A chat answer is split unless thinking is off; a raw prompt's continuation only when asked to (Ollama's
         # raw generate with think), so /v1/completions gets back exactly the text the model wrote.
@@ -119,6 +121,17 @@ class Intake:
             grammar=grammar,
         )
         return Sequence(key, list(prompt_ids), len(prompt_ids), max_tokens, state=state)
+
+
+def _room_within(max_total_tokens: int, num_prompt_tokens: int) -> int:
+    """Hugging Face's max_length counts the prompt too; like transformers, a prompt that fills it is an error."""
+    if num_prompt_tokens >= max_total_tokens:
+        raise RequestError(
+            "context_length",
+            f"The prompt is {num_prompt_tokens} tokens, but max_length (prompt and output) is {max_total_tokens}: "
+            "raise max_length or shorten the prompt.",
+        )
+    return max_total_tokens - num_prompt_tokens
 
 
 def _message_for_template(message: dict[str, Any]) -> dict[str, Any]:

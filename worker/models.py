@@ -58,6 +58,7 @@ class LoadedModel:
     format: str  # "gguf" or "safetensors": what the weights were loaded from originally
     quantization: str = ""  # the GGUF quantization, e.g. "Q4_1"
     size_bytes: int = 0  # weights on disk for GGUF, in memory otherwise
+    source: str = ""  # what was loaded: the .gguf file, the folder or the hub id
 
     def card(self) -> ModelCard:
         config = self.model.config
@@ -77,6 +78,7 @@ class LoadedModel:
             family=config.model_type,
             format=self.format,
             vocab_size=config.vocab_size,
+            source=self.source,
         )
 
 
@@ -210,6 +212,7 @@ def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", c
         format=info.get("format", "safetensors"),
         quantization=info.get("quantization", ""),
         size_bytes=info.get("size_bytes") or _parameter_bytes(model),
+        source=str(default_model_path() if spec is None else spec),
     )
     logger.info(
         "loaded %s (%s, %s) on %s in %.1f s", name, loaded.format, chosen_dtype, chosen_device, loaded.load_seconds

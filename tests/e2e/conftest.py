@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 300  # the very first start converts the GGUF file; later starts use the cache
+# The seed services' routes mostly name no output limit (or 512 tokens): keep their answers short here.
+SEED_MAX_TOKENS = "--gateway-arg=--seed-max-tokens=16"
 
 
 def free_port() -> int:
@@ -88,6 +90,76 @@ def start_server(log_dir: Path, *extra: str) -> Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One tandem shared by the tests that leave it as they found it."""
-    server = start_server(tmp_path_factory.mktemp("tandem"), "--worker-arg=--max-running=16")
+    server = start_server(tmp_path_factory.mktemp("tandem"), "--worker-arg=--max-running=16", SEED_MAX_TOKENS)
     yield server
     assert server.stop() == 0, server.log()
+
+
+# -- a thinking model: the default model's weights behind a Qwen3-style chat template --------------------------
+
+QWEN3_STYLE_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n" }}
+    {{- "You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}{{- "\n" + (tool | tojson) }}{%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within " }}
+    {{- "<tool_call></tool_call> XML tags:\n<tool_call>\n" }}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if message.role == "user" or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>assistant\n' + (message.content or '') }}
+        {%- for call in message.tool_calls or [] %}
+            {%- if call.function %}{%- set call = call.function %}{%- endif %}
+            {{- '\n<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
+            {{- (call.arguments | tojson) + '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}
+    {%- else %}{{- '<think>\n' }}{%- endif %}
+{%- endif %}
+"""
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def converted_default_model() -> Path:
+    """The default model's safetensors copy, which the session's `server` made on its first start."""
+    cache = Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem")
+    copies = sorted(cache.glob("SmolLM2-135M-Instruct*/tandem.json"), key=lambda path: path.stat().st_mtime)
+    assert copies, f"no converted copy of the default model in {cache}"
+    return copies[-1].parent
+
+
+@pytest.fixture(scope="session")
+def thinking_server(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The default model's weights behind a Qwen3-style template: capabilities completion, tools, thinking.
+    One for the session, started by the first module that needs it."""
+    folder = tmp_path_factory.mktemp("models") / "SmolLM2-Qwen3-template"
+    folder.mkdir()
+    source = converted_default_model()
+    for name in MODEL_FILES:
+        (folder / name).symlink_to(source / name)
+    (folder / "chat_template.jinja").write_text(QWEN3_STYLE_TEMPLATE)
+    thinking = start_server(
+        tmp_path_factory.mktemp("thinking"),
+        "--model",
+        str(folder),
+        "--worker-arg=--max-running=8",
+        "--gateway-arg=--reasoning-field",
+        SEED_MAX_TOKENS,
+    )
+    yield thinking
+    assert thinking.stop() == 0, thinking.log()

@@ -2,8 +2,8 @@
 legacy completions and the Ollama model endpoints.
 
 Thinking and tools need a chat template that has them, so a second server serves the default model's own weights
-behind a Qwen3-style template (built here, nothing downloaded). A 135M model will not decide to call a tool or to
-think on its own, so the tests make the real path deterministic instead of faking it: the template opens the
+behind a Qwen3-style template (conftest.py builds it, nothing downloaded). A 135M model will not decide to call a
+tool or to think on its own, so the tests make the real path deterministic instead of faking it: the template opens the
 <think> block as Qwen3-Thinking's does, and OpenAI's tool_choice forces the call through the grammar, after which the
 worker's own parser reads it back. Ollama has no tool_choice: its tool-call rendering is covered in the unit tests.
 """
@@ -11,9 +11,6 @@ worker's own parser reads it back. Ollama has no tool_choice: its tool-call rend
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,46 +20,10 @@ import openai
 import pydantic
 import pytest
 
-from tests.e2e.conftest import Server, start_server
+from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.e2e
 
-QWEN3_STYLE_TEMPLATE = r"""{%- if tools %}
-    {{- '<|im_start|>system\n' }}
-    {%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}
-    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n" }}
-    {{- "You are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
-    {%- for tool in tools %}{{- "\n" + (tool | tojson) }}{%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within " }}
-    {{- "<tool_call></tool_call> XML tags:\n<tool_call>\n" }}
-    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' }}
-{%- elif messages[0].role == 'system' %}
-    {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.role == "user" or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>assistant\n' + (message.content or '') }}
-        {%- for call in message.tool_calls or [] %}
-            {%- if call.function %}{%- set call = call.function %}{%- endif %}
-            {{- '\n<tool_call>\n{"name": "' + call.name + '", "arguments": ' }}
-            {{- (call.arguments | tojson) + '}\n</tool_call>' }}
-        {%- endfor %}
-        {{- '<|im_end|>\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or messages[loop.index0 - 1].role != "tool" %}{{- '<|im_start|>user' }}{%- endif %}
-        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' }}
-        {%- if loop.last or messages[loop.index0 + 1].role != "tool" %}{{- '<|im_end|>\n' }}{%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}
-    {%- else %}{{- '<think>\n' }}{%- endif %}
-{%- endif %}
-"""
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
@@ -113,34 +74,6 @@ def ollama_client(server: Server) -> ollama.Client:
 @pytest.fixture(scope="module")
 def model(client: openai.OpenAI) -> str:
     return client.models.list().data[0].id
-
-
-def converted_default_model() -> Path:
-    """The default model's safetensors copy, which the session's `server` made on its first start."""
-    cache = Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem")
-    copies = sorted(cache.glob("SmolLM2-135M-Instruct*/tandem.json"), key=lambda path: path.stat().st_mtime)
-    assert copies, f"no converted copy of the default model in {cache}"
-    return copies[-1].parent
-
-
-@pytest.fixture(scope="module")
-def thinking_server(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The default model's weights behind a Qwen3-style template: capabilities completion, tools, thinking."""
-    folder = tmp_path_factory.mktemp("models") / "SmolLM2-Qwen3-template"
-    folder.mkdir()
-    source = converted_default_model()
-    for name in MODEL_FILES:
-        (folder / name).symlink_to(source / name)
-    (folder / "chat_template.jinja").write_text(QWEN3_STYLE_TEMPLATE)
-    thinking = start_server(
-        tmp_path_factory.mktemp("thinking"),
-        "--model",
-        str(folder),
-        "--worker-arg=--max-running=8",
-        "--gateway-arg=--reasoning-field",
-    )
-    yield thinking
-    assert thinking.stop() == 0, thinking.log()
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,9 @@ class ScriptedPool:
             return self.card
         raise ModelNotFound(name)
 
+    async def ensure_loaded(self, name: str) -> ModelCard:
+        return self.find_model(name)
+
     async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
         self.requests.append(request)
         finished = False

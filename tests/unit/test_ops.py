@@ -132,7 +132,9 @@ def test_liveness_and_readiness_per_worker() -> None:
             ready = httpx.get(f"{gateway.base_url}/health/ready")
     assert starting.status_code == 503 and starting.json()["status"] == "starting"
     assert live.status_code == 200 and live.json() == {"status": "alive"}
-    assert ready.status_code == 200 and ready.json()["status"] == "ok"
+    assert ready.status_code == 200 and ready.json()["status"] == "healthy"  # as seeds 001 and 003 say it
+    assert (starting.json()["model_loaded"], starting.json()["model_name"]) == (False, None)
+    assert (ready.json()["model_loaded"], ready.json()["model_name"]) == (True, MODEL)
     [worker] = ready.json()["workers"]
     assert worker["address"] == address and worker["ready"] and worker["models"] == [MODEL]
     assert worker["device"] == "cpu" and worker["up_since"] == engine.started_at and worker["uptime_s"] >= 0
