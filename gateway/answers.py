@@ -182,6 +182,7 @@ class Health(Doc):
     """Readiness, with seed 003's and seed 001's fields; 200 when `status` is "healthy", 503 otherwise."""
 
     status: Literal["healthy", "starting", "draining"]
+    gateway_pid: int  # which of several gateway processes answered
     model_loaded: bool
     model_name: str | None
     gpu_available: bool

@@ -228,7 +228,7 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
                 RequireKey,
                 keys=config.api_keys,
                 open_paths=paths,
-                open_request=chat_page.wants_page,
+                open_request=chat_page.opens_without_key,
                 render=render_error,
             )
         )

@@ -1,7 +1,8 @@
 """Optional API keys: `Authorization: Bearer <key>` on both dialects' routes, compared in constant time.
 
 Health and metrics stay open by default (probes and scrapers rarely carry secrets); flags close them too.
-The chat page and its files are always open: they hold no secret, and the page must load to ask for a key.
+The chat page and its files are always open (gateway.chat_page.opens_without_key): they hold no secret, and the
+page must load to ask for a key.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from gateway.errors import GatewayError, Unauthorized
 
 HEALTH_PATHS = ("/health",)  # and everything under it: /health/live, /health/ready
 METRICS_PATHS = ("/metrics", "/stats")
-PAGE_PATHS = ("/chat",)  # the chat page and everything under /chat/assets/
 DOCS_PATHS = ("/openapi.json", "/docs", "/redoc")  # always open: the API's description, not the API
 
 
@@ -31,8 +31,7 @@ def read_key_file(path: Path) -> list[str]:
 
 
 def open_paths(*, protect_health: bool, protect_metrics: bool) -> tuple[str, ...]:
-    always = PAGE_PATHS + DOCS_PATHS
-    return always + (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
+    return DOCS_PATHS + (() if protect_health else HEALTH_PATHS) + (() if protect_metrics else METRICS_PATHS)
 
 
 def is_open(path: str, paths: Iterable[str]) -> bool:

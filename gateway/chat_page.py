@@ -80,6 +80,15 @@ def wants_page(scope: Scope) -> bool:
     return prefers_html(accept)
 
 
+def opens_without_key(scope: Scope) -> bool:
+    """What auth lets through: the page and its files (GET/HEAD of /chat…; `POST /chat` is seed 003's API and
+    needs the key), and the page at `/` for a browser."""
+    if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):
+        return False
+    path = scope["path"]
+    return path in ("/chat", "/chat/") or path.startswith("/chat/assets/") or wants_page(scope)
+
+
 def find_assets(root: Path) -> dict[str, Path]:
     """Every servable file under `root` by its URL name; only these names are served, so no path from a
     request ever reaches the file system."""

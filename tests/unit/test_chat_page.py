@@ -66,12 +66,14 @@ def test_root_is_the_page_for_a_browser_and_ollamas_answer_for_everyone_else(gat
     assert browser.text == PAGE.read_text() and browser.headers["vary"] == "Accept"
     csp = browser.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "default-src 'none'" in csp and "'unsafe-inline'" not in csp
-    for accept in ("*/*", "application/json", None):
+    for accept in ("*/*", None):
         headers = {"accept": accept} if accept else {}
         other = gateway.get("/", headers=headers)
         assert (other.status_code, other.text, other.headers["vary"]) == (200, "Ollama is running", "Accept")
         head = gateway.head("/", headers=headers)
         assert head.status_code == 200 and head.headers["content-type"].startswith("text/plain")
+    described = gateway.get("/", headers={"accept": "application/json"})  # seed 003's service description
+    assert described.json()["docs"] == "/docs" and described.headers["vary"] == "Accept"
     head = gateway.head("/", headers={"accept": CHROME})
     assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and not head.content
 

@@ -335,7 +335,7 @@ async def test_no_model_loaded_is_503_and_a_model_failure_500_bad_input_never() 
 
 async def test_unknown_route_and_method_are_fastapis_404_and_405() -> None:
     async with client_for(FakePool()) as client:
-        wrong_method = await client.get("/chat")
+        wrong_method = await client.get("/batch")
         ollama_root = await client.post("/api/chat", content=b"{")
     assert wrong_method.status_code == 405 and "detail" in wrong_method.json()
     assert "error" in ollama_root.json()  # the Ollama routes keep Ollama's shape
