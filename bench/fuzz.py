@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "unit")]
@@ -55,14 +56,7 @@ def fuzz(url: str, model: str, cases: int, run_seed: int) -> dict[str, int]:
         tried[label] = tried.get(label, 0) + 1
 
     for route in ROUTES:
-
-        @seed(run_seed)
-        @options
-        @given(body=mutated(route, model))
-        def one(body: dict[str, object], route: Route = route) -> None:
-            send(route, encoded(body), route.path)
-
-        one()
+        fuzz_route(route, model, options, run_seed, send)
 
     @seed(run_seed)
     @options
@@ -72,6 +66,16 @@ def fuzz(url: str, model: str, cases: int, run_seed: int) -> dict[str, int]:
 
     raw()
     return tried
+
+
+def fuzz_route(route: Route, model: str, options: settings, run_seed: int, send: Any) -> None:
+    @seed(run_seed)
+    @options
+    @given(body=mutated(route, model))
+    def one(body: dict[str, object]) -> None:
+        send(route, encoded(body), route.path)
+
+    one()
 
 
 def main() -> None:

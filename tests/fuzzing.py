@@ -22,7 +22,7 @@ MODEL = "tiny"  # replaced by the served model's name at run time (`Route.body` 
 class Route:
     method: str
     path: str
-    dialect: str  # "openai" or "ollama": the error shape its answers must have
+    dialect: str  # "openai", "ollama" or "seed" (FastAPI's {"detail": …}): the error shape its answers must have
     base: dict[str, Any]  # a valid body ({} for GET); "$model" stands for the served model's name
     fields: tuple[str, ...]  # the fields worth attacking (nested ones as "options.seed")
 
@@ -53,6 +53,22 @@ ROUTES = (
           ("model", "prompt", "system", "raw", "suffix", "template", "images", "context", "format", "think",
            "stream", *OLLAMA_OPTIONS)),
     Route("POST", "/api/show", "ollama", {"model": "$model"}, ("model", "name", "verbose")),
+    # The seed services' routes (gateway/qwen3_service.py, thinking_service.py, qwen_chat.py, llamafactory.py)
+    Route("POST", "/api/v1/chat", "seed", {"message": "Hi", "history": []},
+          ("message", "history", "history.0", "history.0.role")),
+    Route("POST", "/api/v1/chat/stream", "seed", {"message": "Hi"}, ("message", "history")),
+    Route("POST", "/api/v1/model/load", "seed", {}, ("model_name",)),
+    Route("POST", "/generate", "seed", {"prompt": "Hi", "max_tokens": 4},
+          ("prompt", "max_length", "max_tokens", "temperature", "top_p", "do_sample", "stream")),
+    Route("POST", "/thinking", "seed", {"question": "Why?", "thinking_depth": 1},
+          ("question", "thinking_depth", "include_reasoning")),
+    Route("POST", "/batch_generate", "seed", {"prompts": ["Hi", "Yo"], "max_tokens": 4},
+          ("prompts", "prompts.0", "max_length", "max_tokens", "temperature")),
+    Route("POST", "/", "seed", {"prompt": "Hi", "history": [], "max_length": 40},
+          ("prompt", "history", "history.0", "max_length", "top_p", "temperature")),
+    Route("POST", "/chat", "seed", {"messages": HI, "max_tokens": 4},
+          ("messages", "messages.0.role", "max_tokens", "temperature", "top_p", "stream")),
+    Route("POST", "/batch", "seed", {"prompts": ["Hi"], "max_tokens": 4}, ("prompts", "max_tokens", "top_p")),
 )  # fmt: skip
 
 # Values that have broken servers: numbers past 64 bits, extremes of float, empty and odd strings, wrong types.
@@ -140,16 +156,20 @@ def check_answer(route: Route, response: httpx.Response) -> None:
         body = response.json()
         if route.dialect == "openai":
             assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
-        else:
+        elif route.dialect == "ollama":
             assert set(body) == {"error"} and isinstance(body["error"], str), body
+        else:
+            assert set(body) == {"detail"}, body
         return
     kind = response.headers.get("content-type", "")
     if kind.startswith("text/event-stream"):
         events = [line for line in text.split("\n\n") if line]
         assert events and all(event.startswith("data: ") for event in events), text[:500]
-        assert events[-1] == "data: [DONE]" or "error" in json.loads(events[-1][6:]), events[-1]
-        for event in events[:-1]:
-            json.loads(event[6:])
+        payloads = [json.loads(event[6:]) for event in events if event != "data: [DONE]"]
+        if route.dialect == "openai":
+            assert events[-1] == "data: [DONE]" or "error" in payloads[-1], events[-1]
+        elif route.path == "/api/v1/chat/stream":  # seed 000's events: start, chunks, then end or error
+            assert payloads[-1]["type"] in ("end", "error"), payloads[-1]
     elif kind.startswith("application/x-ndjson"):
         lines = [json.loads(line) for line in text.splitlines() if line]
         assert lines and (lines[-1].get("done") is True or "error" in lines[-1]), lines[-1:]
