@@ -120,8 +120,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def start_server(root: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "launcher.py", "--port", str(port), "--worker-arg=--max-running=32"]
+def start_server(root: Path, port: int, log: Path, *flags: str) -> subprocess.Popen[bytes]:
+    """The launcher of the checkout at `root` on `port`, ready; its own process group (to stop it whole)."""
+    command = [sys.executable, "launcher.py", "--port", str(port), *flags]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -148,7 +149,7 @@ def main() -> None:
     if url is None:
         port = free_port()
         log = Path(tempfile.mkdtemp(prefix="tandem-bench-")) / "server.log"
-        process = start_server(args.root.resolve(), port, log)
+        process = start_server(args.root.resolve(), port, log, "--worker-arg=--max-running=32")
         url = f"http://127.0.0.1:{port}"
     try:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
