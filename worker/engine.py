@@ -195,9 +195,11 @@ class Engine:
         self._failed_steps = 0
         out: list[Outgoing] = []  # 4) postprocess: detokenize, stop, emit; a failure ends that request alone
         for i, seq in enumerate(finishing):
-            choice = result.logprobs[i] if result.logprobs is not None else None
+            token, choice = result.token_ids[i], result.logprobs[i] if result.logprobs is not None else None
+            if seq.state.forced:  # closing a think block at its budget: the sampled token gives way
+                token, choice = seq.state.forced.popleft(), None
             try:
-                delta = self.output.append(seq, result.token_ids[i], choice)
+                delta = self.output.append(seq, token, choice)
             except Exception as exc:
                 logger.exception("request %d: output processing failed", seq.key[1])
                 out.append(self._fail(seq, "internal", f"the worker failed on this request's output: {exc}"))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.protocol import Delta, Done, Generate, Logprob, Timings, TokenLogprob, ToolCall, ToolCallFunction, Usage
@@ -36,6 +37,9 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     num_tool_calls: int = 0
+    num_reasoning_tokens: int = 0
+    forced: deque[int] = field(default_factory=deque)  # tokens that come next whatever is sampled: a think block
+    # closed at the thinking budget
 
     def constraint(self) -> Matcher | None:
         """The grammar governs the answer: after the reasoning, where the prompt opened a think block."""
@@ -77,12 +81,25 @@ class Output:
                 state.finish_reason = "length"
             elif grammar is not None and grammar.is_completed and params.ignore_eos:
                 state.finish_reason = "stop"  # a whole match, and eos is masked: end while the output is valid
+        if state.finish_reason is None:
+            self._spend_thinking(state)
         if state.finish_reason is not None and not isinstance(state.stop_reason, str):
             # Ending without a stop string: a character still held by the detokenizer goes through the stop
             # matcher too, then whatever the matcher held back is real output.
             tail, stop = state.stops.push(state.detokenizer.flush())
             text += tail if stop is not None else tail + state.stops.flush()
         return self._delta(seq, text, choice, final=state.finish_reason is not None)
+
+    def _spend_thinking(self, state: RequestState) -> None:
+        """Past its thinking budget, a request's think block is closed for it: the closing tag (and the blank line
+        templates put after it, unless a grammar governs the answer) are forced as its next tokens."""
+        budget = state.generate.params.thinking_budget
+        if budget is None or state.reasoning is None or not state.reasoning.inside or state.forced:
+            return
+        state.num_reasoning_tokens += 1
+        if state.num_reasoning_tokens >= budget:
+            close = f"\n{state.reasoning.end}" + ("" if state.grammar is not None else "\n\n")
+            state.forced.extend(self.tokenizer.encode(close, add_special_tokens=False))
 
     def _delta(self, seq: Sequence, text: str, choice: Any, *, final: bool) -> Delta | None:
         state: RequestState = seq.state

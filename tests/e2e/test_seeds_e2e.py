@@ -122,9 +122,8 @@ def test_thinking_answers_with_reasoning_and_a_confidence(thinking_server: Serve
     assert plain.status_code == 400 and "does not support thinking" in plain.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="the worker does not enforce SamplingParams.thinking_budget yet (the lead's)")
 def test_thinking_budget_closes_the_thinking_and_leaves_room_for_an_answer(thinking_server: Server) -> None:
-    """Tightens the test above once the budget is enforced: 8 thinking tokens, then an answer with a confidence."""
+    """8 thinking tokens at depth 1, then the worker closes the think block: an answer with a confidence."""
     body = {"question": "What is 2 + 2?", "thinking_depth": 1}
     answer = httpx.post(f"{thinking_server.base_url}/thinking", json=body, timeout=60).json()
     assert answer["answer"] and 0 < answer["confidence"] <= 1

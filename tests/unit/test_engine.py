@@ -206,3 +206,31 @@ def test_a_duplicate_id_in_flight_is_refused_without_touching_the_first(engine: 
 
 def _raise(*_: Any) -> Callable[..., Any]:
     raise RuntimeError("always fails")
+
+
+def test_a_thinking_budget_closes_the_think_block_then_the_answer_follows(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine.card, "capabilities", ["completion", "thinking"])  # as a thinking template says
+    [word] = engine.tokenizer.encode("Yes", add_special_tokens=False)  # the random model says it, and only it
+    request = Generate(
+        id=1,
+        model="tiny",
+        prompt="Question: why?<think>",  # the prompt opened the think block, as Qwen3's templates do
+        think=True,
+        params=SamplingParams(
+            temperature=0.0, max_tokens=24, ignore_eos=True, thinking_budget=5, logit_bias={word: 100.0}
+        ),
+    )
+    client = Client(engine)
+    client.add(request)
+    [seq] = engine.scheduler.running or engine.scheduler.waiting
+    client.run()
+    events = client.events[(PEER, 1)]
+    reasoning = "".join(e.reasoning for e in events if isinstance(e, Delta))
+    answer = "".join(e.text for e in events if isinstance(e, Delta))
+    close = engine.tokenizer.encode("\n</think>\n\n", add_special_tokens=False)
+    output = seq.output_ids
+    assert output[5 : 5 + len(close)] == close  # five tokens of thinking, then the block closed for it
+    assert reasoning == "Yes" * 5 + "\n" and answer == "Yes" * (24 - 5 - len(close))
+    assert isinstance(events[-1], Done) and events[-1].usage.completion_tokens == 24
