@@ -166,6 +166,19 @@ class Failed(Struct, tag=True):
     message: str
 
 
+class GenerationDefaults(Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A model's own defaults for what a request leaves unset (its generation_config.json, or the worker's
+    --param, as Ollama's Modelfile PARAMETER). Precedence: the request, then these, then the server's."""
+
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: NonNegativeInt | None = None
+    min_p: Probability | None = None
+    repetition_penalty: PositiveFloat | None = None
+    max_tokens: PositiveInt | None = None
+    stop: list[str] = []
+
+
 class ModelCard(Struct, omit_defaults=True):
     """What the gateway needs to know about a served model."""
 
@@ -182,6 +195,7 @@ class ModelCard(Struct, omit_defaults=True):
     format: str = ""  # "gguf", "safetensors"
     vocab_size: int = 0  # token ids run from 0 to vocab_size - 1 (logit_bias and stop_token_ids are checked against it)
     source: str = ""  # what the worker loaded: a .gguf file, a folder or a hub id
+    defaults: GenerationDefaults = GenerationDefaults()
 
 
 class WorkerInfo(Struct, tag=True, omit_defaults=True):

@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
         help="seconds before a request is aborted in the worker and answered 504 (0: no limit)",
     )
     limits.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=int(env("TANDEM_DEFAULT_MAX_TOKENS", str(GatewayConfig.default_max_tokens))),
+        help="output tokens for a request that sets no limit when the model has no default either (0: up to the "
+        "context)",
+    )
+    limits.add_argument(
         "--buffer-bytes",
         type=int,
         default=GatewayConfig.buffer_bytes,
@@ -51,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
     )
     limits.add_argument(
         "--shutdown-grace", type=float, default=30.0, help="seconds in-flight requests get to finish after SIGTERM"
+    )
+    parser.add_argument(
+        "--strict-tools",
+        action="store_true",
+        help="a request with tools for a model whose chat template cannot render them is a 400 (default: the "
+        "tools are ignored, with a warning header and log line, so chat UIs that always send tools work)",
     )
     parser.add_argument(
         "--reasoning-field",
@@ -106,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
         max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout or None,
         buffer_bytes=args.buffer_bytes,
+        default_max_tokens=args.default_max_tokens or None,
+        strict_tools=args.strict_tools,
         max_in_flight=args.max_in_flight,
         reasoning_field=args.reasoning_field,
         shutdown_grace=args.shutdown_grace,

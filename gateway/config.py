@@ -25,5 +25,7 @@ class GatewayConfig:
     curve_client_key: Path | None = None  # this gateway's CURVE keypair (client.key_secret)
     metrics_dir: Path | None = None  # prometheus-client multiprocess directory, when several processes serve
     version: str = "0.1.0"
+    default_max_tokens: int | None = 2048  # output cap where neither the request nor the model sets one (None: off)
+    strict_tools: bool = False  # tools for a model whose template cannot render them: 400 instead of ignored
     seed_max_tokens: int | None = None  # cap on output tokens on the seed services' routes (None: their own limits)
     root_json: bool = False  # GET / answers seed 003's JSON description to every client not asking for text

@@ -3,7 +3,7 @@ into protocol messages. Whatever cannot be served is a 400 here, before anything
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -11,6 +11,7 @@ from msgspec import Meta, Struct
 from common.protocol import (
     ChatMessage,
     Generate,
+    GenerationDefaults,
     ModelCard,
     Penalty,
     Probability,
@@ -19,22 +20,28 @@ from common.protocol import (
     ToolCall,
     ToolCallFunction,
 )
+from gateway.config import GatewayConfig
 from gateway.errors import BadRequest
-from gateway.request_types import Seed, Tool, cap_tokens, cap_top_k, tool_schemas
+from gateway.request_types import Seed, Tool, cap_top_k, output_limit, usable_tools
 
+# Ollama's sampler defaults. repeat_penalty stays off: Ollama's 1.1 applies to the last 64 tokens only, the
+# worker's penalty to the whole sequence.
+OLLAMA_DEFAULTS = GenerationDefaults(temperature=0.8, top_p=0.9, top_k=40)
+DEFAULTS = GatewayConfig(workers=())  # the server's defaults, for callers without a config (tests)
 MAX_STOPS = 64  # stop strings are matched against every token's text: a bound keeps that cheap
 MAX_REPEAT_PENALTY = 100.0  # logits are divided or multiplied by it: past this they leave float range sense
+
+T = TypeVar("T")
 
 # -- requests: unknown fields (and options such as num_ctx, repeat_last_n, mirostat) are ignored -------
 
 
 class Options(Struct, kw_only=True):
-    # Ollama's sampler defaults. repeat_penalty stays off: Ollama's 1.1 applies to the last 64 tokens only,
-    # the worker's penalty to the whole sequence.
-    temperature: Temperature = 0.8
-    top_p: Probability = 0.9
-    top_k: int = 40  # <= 0: off; past the vocabulary: off too
-    min_p: Probability = 0.0
+    # Unset: the model's default (its generation_config or --param), else Ollama's (OLLAMA_DEFAULTS).
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_k: int | None = None  # <= 0: off; past the vocabulary: off too
+    min_p: Probability | None = None
     num_predict: int | None = None  # -1: unlimited, -2: fill the context; both "up to the context" here
     seed: Seed | None = None  # < 0: random, as Ollama's -1
     stop: str | Annotated[list[str], Meta(max_length=MAX_STOPS)] | None = None
@@ -104,7 +111,7 @@ show_decoder = msgspec.json.Decoder(ShowRequest)
 # -- translation --------------------------------------------------------------------------------
 
 
-def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard) -> Generate:
+def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard, config: GatewayConfig = DEFAULTS) -> Generate:
     if body.think and card.capabilities and "thinking" not in card.capabilities:
         raise BadRequest(f'"{body.model}" does not support thinking')
     template_kwargs = {"reasoning_effort": body.think} if isinstance(body.think, str) else {}
@@ -114,6 +121,7 @@ def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard) -> Generat
         params=_sampling(
             body.options or Options(),
             card,
+            config,
             (body.top_logprobs or 0) if body.logprobs else None,
             json_schema(body.format),
         ),
@@ -121,10 +129,9 @@ def to_generate(body: ChatRequest | GenerateRequest, card: ModelCard) -> Generat
         template_kwargs=template_kwargs,
     )
     if isinstance(body, ChatRequest):
-        if body.tools and card.capabilities and "tools" not in card.capabilities:
-            raise BadRequest(f'"{body.model}" does not support tools')
+        tools = usable_tools(body.tools, card, strict=config.strict_tools, forced=False)  # none: Ollama forces none
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
-        return msgspec.structs.replace(base, messages=messages, tools=tool_schemas(body.tools))
+        return msgspec.structs.replace(base, messages=messages, tools=tools)
     if body.suffix:
         raise BadRequest("suffix is not supported")
     if body.template:
@@ -148,19 +155,29 @@ def json_schema(format_: Any) -> str | None:
     raise BadRequest(f'invalid format: {msgspec.json.encode(format_).decode()}; expected "json" or a valid JSON Schema')
 
 
-def _sampling(options: Options, card: ModelCard, logprobs: int | None, json_schema: str | None) -> SamplingParams:
+def _sampling(
+    options: Options, card: ModelCard, config: GatewayConfig, logprobs: int | None, json_schema: str | None
+) -> SamplingParams:
+    """What the request's options set, else the model's defaults (card.defaults), else Ollama's."""
+    model = card.defaults
     num_predict = options.num_predict
+    if num_predict is not None and num_predict <= 0:  # -1 unlimited, -2 fill the context: up to the context
+        max_tokens = None
+    else:
+        max_tokens = output_limit(num_predict, card, config.default_max_tokens)
+    repeat_penalty = _first(options.repeat_penalty, model.repetition_penalty, 1.0)
+    stop = options.stop if options.stop is not None else model.stop
     return SamplingParams(
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=cap_top_k(options.top_k, card),
-        min_p=options.min_p,
+        temperature=_first(options.temperature, model.temperature, OLLAMA_DEFAULTS.temperature),
+        top_p=_first(options.top_p, model.top_p, OLLAMA_DEFAULTS.top_p),
+        top_k=cap_top_k(_first(options.top_k, model.top_k, OLLAMA_DEFAULTS.top_k), card),
+        min_p=_first(options.min_p, model.min_p, 0.0),
         seed=options.seed if options.seed is not None and options.seed >= 0 else None,
-        repetition_penalty=options.repeat_penalty if options.repeat_penalty and options.repeat_penalty > 0 else 1.0,
+        repetition_penalty=repeat_penalty if repeat_penalty > 0 else 1.0,
         presence_penalty=options.presence_penalty,
         frequency_penalty=options.frequency_penalty,
-        max_tokens=cap_tokens(num_predict, card) if num_predict is not None and num_predict > 0 else None,
-        stop=[options.stop] if isinstance(options.stop, str) else list(options.stop or ()),
+        max_tokens=max_tokens,
+        stop=[stop] if isinstance(stop, str) else list(stop),
         logprobs=logprobs,
         json_schema=json_schema,
     )
@@ -180,3 +197,8 @@ def _message(message: Message, index: int) -> ChatMessage:
         tool_calls=calls or None,
         reasoning=message.thinking,
     )
+
+
+def _first(*values: T | None) -> T:
+    """The first value that is set."""
+    return next(value for value in values if value is not None)  # type: ignore[misc]

@@ -29,6 +29,7 @@ from gateway.openai_requests import (
     text_to_generate,
     to_generate,
 )
+from gateway.request_types import ignored_tools_header
 from gateway.streaming import (
     SSE_DONE,
     Folded,
@@ -299,15 +300,17 @@ async def chat_completions(request: Request) -> Response:
     body = await decode_body(request, chat_decoder)
     pool, config = request.app.state.pool, request.app.state.config
     card = pool.find_model(body.model)
-    requests = for_choices(to_generate(body, card), body.n or 1)
+    requests = for_choices(to_generate(body, card, config), body.n or 1)
+    headers = ignored_tools_header(body.tools, requests[0].tools, card)
     events = open_events(pool, requests, config.request_timeout)
     reply = _reply("chatcmpl", body, card, request)
     options = {"reasoning_field": config.reasoning_field, "logprobs": bool(body.logprobs)}
     if body.stream:
         render = functools.partial(_chat_chunks, reply=reply, per_prompt=len(requests), **options)
-        return await stream(request, events, render, _error_frame, media_type="text/event-stream", headers=_SSE_HEADERS)
+        sse_headers = {**_SSE_HEADERS, **headers}
+        return await stream(request, events, render, _error_frame, media_type="text/event-stream", headers=sse_headers)
     choices = await fold_until_disconnect(request, events, len(requests))
-    return JSONBody(chat_completion(reply, choices, **options))
+    return JSONBody(chat_completion(reply, choices, **options), headers=headers)
 
 
 async def completions(request: Request) -> Response:
@@ -317,7 +320,7 @@ async def completions(request: Request) -> Response:
     prompts, n = [body.prompt] if isinstance(body.prompt, str) else body.prompt, body.n or 1
     if len(prompts) * n > MAX_CHOICES:
         raise BadRequest(f"At most {MAX_CHOICES} choices per request (prompts × n)", param="n")
-    requests = [g for prompt in prompts for g in for_choices(text_to_generate(body, card, prompt), n)]
+    requests = [g for prompt in prompts for g in for_choices(text_to_generate(body, card, prompt, config), n)]
     echoed = [prompt if body.echo else "" for prompt in prompts for _ in range(n)]
     events = open_events(pool, requests, config.request_timeout)
     reply = _reply("cmpl", body, card, request)

@@ -23,17 +23,21 @@ from common.protocol import (
     ToolCall,
     ToolCallFunction,
 )
+from gateway.config import GatewayConfig
 from gateway.errors import BadRequest
 from gateway.request_types import (
     Seed,
     TokenId,
     Tool,
-    cap_tokens,
     cap_top_k,
     check_token_ids,
+    output_limit,
     tool_schemas,
+    usable_tools,
     wrap_seed,
 )
+
+DEFAULTS = GatewayConfig(workers=())  # the server's defaults, for callers without a config (tests)
 
 T = TypeVar("T")
 
@@ -136,7 +140,7 @@ completion_decoder = msgspec.json.Decoder(CompletionRequest)
 # -- translation --------------------------------------------------------------------------------
 
 
-def to_generate(body: ChatCompletionRequest, card: ModelCard) -> Generate:
+def to_generate(body: ChatCompletionRequest, card: ModelCard, config: GatewayConfig = DEFAULTS) -> Generate:
     """A chat request as one Generate (choice 0; `for_choices` makes the rest)."""
     if body.top_logprobs is not None and not body.logprobs:
         raise BadRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -149,17 +153,21 @@ def to_generate(body: ChatCompletionRequest, card: ModelCard) -> Generate:
     params = _sampling(
         body,
         card,
+        config,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
     )
-    tools = tool_schemas(body.tools) if body.tool_choice != "none" else None
+    forced = forced_tool_call(body.tool_choice, tool_schemas(body.tools))
+    tools = None
+    if body.tool_choice != "none":
+        tools = usable_tools(body.tools, card, strict=config.strict_tools, forced=forced is not None)
     return Generate(
         id=0,
         model=card.name,
         params=msgspec.structs.replace(params, json_schema=json_schema(body.response_format)),
         messages=[_message(message, i) for i, message in enumerate(body.messages)],
         tools=tools,
-        force_tool_call=forced_tool_call(body.tool_choice, tools),
+        force_tool_call=forced,
         think=think,
         template_kwargs=template_kwargs,
     )
@@ -203,14 +211,16 @@ def forced_tool_call(choice: str | dict[str, Any] | None, tools: list[dict[str, 
     return ForcedToolCall(name=name)
 
 
-def text_to_generate(body: CompletionRequest, card: ModelCard, prompt: str) -> Generate:
+def text_to_generate(
+    body: CompletionRequest, card: ModelCard, prompt: str, config: GatewayConfig = DEFAULTS
+) -> Generate:
     """One prompt of a legacy completion request: the raw text, no chat template."""
     if body.suffix:
         raise BadRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise BadRequest("best_of is not supported; use n", param="best_of")
     return Generate(
-        id=0, model=card.name, params=_sampling(body, card, body.max_tokens, body.logprobs), prompt=prompt
+        id=0, model=card.name, params=_sampling(body, card, config, body.max_tokens, body.logprobs), prompt=prompt
     )
 
 
@@ -225,21 +235,26 @@ def for_choices(generate: Generate, n: int) -> list[Generate]:
     ]
 
 
-def _sampling(body: Sampling, card: ModelCard, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(
+    body: Sampling, card: ModelCard, config: GatewayConfig, max_tokens: int | None, logprobs: int | None
+) -> SamplingParams:
+    """What the request sets, else the model's defaults (card.defaults), else OpenAI's."""
     stop_token_ids = list(body.stop_token_ids or ())
     check_token_ids(stop_token_ids, card, "stop_token_ids")
+    model = card.defaults
+    stop = body.stop if body.stop is not None else model.stop
     return SamplingParams(
-        temperature=_or(body.temperature, 1.0),
-        top_p=_or(body.top_p, 1.0),
-        top_k=cap_top_k(_or(body.top_k, 0), card),
-        min_p=_or(body.min_p, 0.0),
+        temperature=_or(body.temperature, _or(model.temperature, 1.0)),
+        top_p=_or(body.top_p, _or(model.top_p, 1.0)),
+        top_k=cap_top_k(_or(body.top_k, _or(model.top_k, 0)), card),
+        min_p=_or(body.min_p, _or(model.min_p, 0.0)),
         seed=body.seed,
-        repetition_penalty=_or(body.repetition_penalty, 1.0),
+        repetition_penalty=_or(body.repetition_penalty, _or(model.repetition_penalty, 1.0)),
         presence_penalty=_or(body.presence_penalty, 0.0),
         frequency_penalty=_or(body.frequency_penalty, 0.0),
         logit_bias=_logit_bias(body.logit_bias, card),
-        max_tokens=cap_tokens(max_tokens, card),
-        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or ()),
+        max_tokens=output_limit(max_tokens, card, config.default_max_tokens),
+        stop=[stop] if isinstance(stop, str) else list(stop),
         stop_token_ids=stop_token_ids,
         ignore_eos=bool(body.ignore_eos),
         logprobs=logprobs,

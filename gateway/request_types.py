@@ -7,6 +7,7 @@ meaning (a token limit past the context means "up to the context").
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,6 +15,8 @@ from msgspec import Meta, Struct
 
 from common.protocol import ModelCard
 from gateway.errors import BadRequest
+
+logger = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 Seed = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]  # as vLLM: a signed 64-bit integer
@@ -60,3 +63,34 @@ def check_token_ids(ids: list[int], card: ModelCard, param: str) -> None:
     bad = sorted({i for i in ids if not 0 <= i < vocab})
     if bad:
         raise BadRequest(f"{param}: token ids must be 0 to {vocab - 1} for this model; got {bad[:5]}", param=param)
+
+
+def output_limit(requested: int | None, card: ModelCard, server_default: int | None) -> int | None:
+    """The request's limit (capped at the context); unset: the model's default, else the server's."""
+    if requested is not None:
+        return cap_tokens(requested, card)
+    return cap_tokens(card.defaults.max_tokens or server_default, card)
+
+
+def usable_tools(
+    tools: list[Tool] | None, card: ModelCard, *, strict: bool, forced: bool
+) -> list[dict[str, Any]] | None:
+    """The tools to send. A model whose chat template cannot render tools gets none (chat UIs send theirs with
+    every request) unless the server is strict (400) or the client forces a call, which the grammar can do alone."""
+    if not tools or forced or tools_supported(card):
+        return tool_schemas(tools)
+    if strict:
+        raise BadRequest(f'"{card.name}" does not support tools', param="tools")
+    return None
+
+
+def tools_supported(card: ModelCard) -> bool:
+    return not card.capabilities or "tools" in card.capabilities
+
+
+def ignored_tools_header(asked: list[Any] | None, sent: list[Any] | None, card: ModelCard) -> dict[str, str]:
+    """The response header saying the request's tools were not shown to the model (see usable_tools)."""
+    if not asked or sent or tools_supported(card):
+        return {}
+    logger.warning("a request's %d tools ignored: the chat template of %s cannot render tools", len(asked), card.name)
+    return {"warning": f'299 tandem "tools ignored: the chat template of {card.name} cannot render tools"'}

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from common import logs  # stdlib-only log setup shared by all three processes
+from worker.defaults import generation_defaults
 from worker.engine import Engine, EngineConfig
 from worker.malloc import keep_freed_memory
 from worker.server import DEFAULT_PEER_TIMEOUT, WorkerServer
@@ -63,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="cap on the context length")
     parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a default for requests that leave it unset, as Ollama's Modelfile PARAMETER (temperature, top_p, top_k, "
+        "min_p, repeat_penalty, num_predict, stop); over the model's generation_config.json (repeatable)",
+    )
+    parser.add_argument(
         "--gateway-timeout",
         type=float,
         default=DEFAULT_PEER_TIMEOUT,
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
-    except ModelLoadError as exc:
+        loaded.defaults = generation_defaults(loaded.model, args.param)
+    except (ModelLoadError, ValueError) as exc:
         print(f"tandem worker: {exc}", file=sys.stderr)
         return 2
     config = EngineConfig(

@@ -10,13 +10,13 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from common.protocol import ModelCard
+from common.protocol import GenerationDefaults, ModelCard
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -59,6 +59,7 @@ class LoadedModel:
     quantization: str = ""  # the GGUF quantization, e.g. "Q4_1"
     size_bytes: int = 0  # weights on disk for GGUF, in memory otherwise
     source: str = ""  # what was loaded: the .gguf file, the folder or the hub id
+    defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # worker/defaults.py
 
     def card(self) -> ModelCard:
         config = self.model.config
@@ -79,6 +80,7 @@ class LoadedModel:
             format=self.format,
             vocab_size=config.vocab_size,
             source=self.source,
+            defaults=self.defaults,
         )
 
 

@@ -24,6 +24,7 @@ from common.protocol import (
     Delta,
     Done,
     Generate,
+    GenerationDefaults,
     Logprob,
     ModelCard,
     SamplingParams,
@@ -65,7 +66,8 @@ CARD = ModelCard(
 )
 HI = [{"role": "user", "content": "hi"}]
 # Ollama's own sampler defaults, applied when a request sends no options
-OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40)
+SERVER_CAP = GatewayConfig.default_max_tokens  # the output limit of a request that sets none, its model neither
+OLLAMA_DEFAULTS = SamplingParams(temperature=0.8, top_p=0.9, top_k=40, max_tokens=SERVER_CAP)
 
 
 @pytest.fixture
@@ -213,7 +215,7 @@ def test_every_chat_field_maps_onto_generate() -> None:
         ({"num_predict": -2}, None),
         ({"num_predict": 0}, None),
         ({"num_predict": 5}, 5),
-        ({}, None),
+        ({}, SERVER_CAP),
     ],
 )
 def test_num_predict(options: dict[str, Any], expected: int | None) -> None:
@@ -293,10 +295,31 @@ def test_format_becomes_a_json_schema(format_: Any, json_schema: str | None) -> 
     assert requests.to_generate(generate_request(format=format_), CARD).params.json_schema == json_schema
 
 
-def test_tools_need_the_capability() -> None:
+def test_tools_for_a_model_without_the_capability_are_ignored_unless_strict() -> None:
     plain = msgspec.structs.replace(CARD, capabilities=["completion"])
+    body = chat_request(tools=[{"type": "function", "function": {"name": "f"}}])
+    assert requests.to_generate(body, plain).tools is None  # chat UIs send their tools with every request
     with pytest.raises(BadRequest, match="does not support tools"):
-        requests.to_generate(chat_request(tools=[{"type": "function", "function": {"name": "f"}}]), plain)
+        requests.to_generate(body, plain, GatewayConfig(workers=(), strict_tools=True))
+    assert requests.to_generate(body, CARD).tools == [{"type": "function", "function": {"name": "f"}}]
+
+
+def test_the_models_defaults_fill_what_the_request_leaves_unset() -> None:
+    defaults = GenerationDefaults(temperature=0.6, top_k=20, max_tokens=300, stop=["<end>"], repetition_penalty=1.1)
+    tuned = msgspec.structs.replace(CARD, defaults=defaults)
+    params = requests.to_generate(chat_request(options={"top_k": 5}), tuned).params
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (0.6, 0.9, 5, 300)
+    assert (params.stop, params.repetition_penalty) == (["<end>"], 1.1)
+    assert requests.to_generate(chat_request(options={"num_predict": -1}), tuned).params.max_tokens is None
+    no_cap = GatewayConfig(workers=(), default_max_tokens=None)
+    assert requests.to_generate(chat_request(), CARD, no_cap).params.max_tokens is None
+    assert dialect.parameters(defaults).splitlines() == [
+        "temperature                    0.6",
+        "top_k                          20",
+        "repeat_penalty                 1.1",
+        "num_predict                    300",
+        'stop                           "<end>"',
+    ]
 
 
 # -- renderers ----------------------------------------------------------------------------------
@@ -588,7 +611,7 @@ async def test_errors_in_ollama_shape() -> None:
     assert (busy.status_code, busy.json()) == (503, {"error": "server busy, please try again"})
     assert (unknown.status_code, unknown.json()) == (404, {"error": "model 'nope' not found"})
     assert malformed.status_code == 400 and malformed.json()["error"].startswith("Request body is not valid JSON")
-    assert (hot.status_code, hot.json()) == (400, {"error": "Expected `float`, got `str` - at `$.options.temperature`"})
+    assert hot.status_code == 400 and hot.json()["error"].endswith("got `str` - at `$.options.temperature`")
     assert images.status_code == 400
 
 

@@ -57,6 +57,7 @@ pytestmark = pytest.mark.anyio
 
 CARD = ModelCard(name="SmolLM2-135M-Instruct", context_length=8192, architecture="llama")
 HI = [{"role": "user", "content": "hi"}]
+SERVER_CAP = GatewayConfig.default_max_tokens  # the output limit of a request that sets none, its model neither
 
 
 @pytest.fixture
@@ -132,7 +133,10 @@ def completion_request(**fields: Any) -> requests.CompletionRequest:
 
 def test_minimal_chat_request_uses_openai_defaults() -> None:
     assert requests.to_generate(chat_request(), CARD) == Generate(
-        id=0, model=CARD.name, params=SamplingParams(), messages=[ChatMessage(role="user", content="hi")]
+        id=0,
+        model=CARD.name,
+        params=SamplingParams(max_tokens=SERVER_CAP),
+        messages=[ChatMessage(role="user", content="hi")],
     )
 
 
@@ -213,7 +217,7 @@ def test_every_chat_field_maps_onto_generate() -> None:
 
 def test_nulls_mean_defaults_as_in_openai() -> None:
     body = chat_request(temperature=None, top_p=None, stop=None, n=None, logprobs=None, stream=None, max_tokens=None)
-    assert requests.to_generate(body, CARD).params == SamplingParams()
+    assert requests.to_generate(body, CARD).params == SamplingParams(max_tokens=SERVER_CAP)
 
 
 def test_stop_string_or_list_and_logprobs_without_top() -> None:
@@ -347,7 +351,9 @@ def test_completion_request_is_a_raw_prompt_with_max_tokens_16() -> None:
         id=0, model=CARD.name, params=SamplingParams(max_tokens=16), prompt="Once"
     )
     body = completion_request(max_tokens=None, logprobs=2, stop=["\n"], echo=True)
-    assert requests.text_to_generate(body, CARD, "Once").params == SamplingParams(stop=["\n"], logprobs=2)
+    assert requests.text_to_generate(body, CARD, "Once").params == SamplingParams(
+        stop=["\n"], logprobs=2, max_tokens=SERVER_CAP
+    )
 
 
 @pytest.mark.parametrize(

@@ -89,10 +89,11 @@ class ScriptedEngine:
             count += 1
             self.running[(peer, request_id)] = (request, count, queued)
             out.append((peer, Delta(id=request_id, text=f"w{count} ", num_prompt_tokens=3, num_output_tokens=count)))
-            limit = request.params.max_tokens or self.num_tokens
+            cap = request.params.max_tokens  # the gateway always sets one now (its default output cap, at least)
+            limit = min(cap or self.num_tokens, self.num_tokens)
             if count >= limit:
                 del self.running[(peer, request_id)]
-                reason = "length" if request.params.max_tokens else "stop"
+                reason = "length" if cap is not None and cap <= self.num_tokens else "stop"
                 timings = Timings(queue=queued, prefill=0.001, decode=count * self.step_s)
                 out.append((peer, Done(id=request_id, finish_reason=reason, usage=Usage(3, count), timings=timings)))
         return out
@@ -101,7 +102,7 @@ class ScriptedEngine:
         return WorkerInfo(
             instance=self.instance,
             pid=0,
-            models=[ModelCard(name=MODEL, context_length=64)],
+            models=[ModelCard(name=MODEL, context_length=1_000_000)],
             device="cpu",
             started_at=self.started_at,
             max_running=self.max_running,
