@@ -72,9 +72,9 @@ load_decoder = msgspec.json.Decoder(LoadRequest)
 
 
 def to_generate(body: ChatRequest, card: ModelCard, request: Request) -> Generate:
-    """Qwen3's recommended sampling for thinking mode (its generation_config), thinking left to the template."""
+    """The model's sampling defaults, else Qwen3's recommendation for thinking; thinking left to the template."""
     messages = [ChatMessage(role=turn.role, content=turn.content) for turn in body.history]
-    params = seeds.sampling(request, temperature=0.6, top_p=0.95, top_k=20)
+    params = seeds.sampling(request, **seeds.recommended(card))
     return seeds.chat(card, [*messages, *seeds.user(body.message)], params)
 
 

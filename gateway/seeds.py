@@ -136,6 +136,17 @@ def sampling(
     return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=limit, max_total_tokens=max_length, **more)
 
 
+def recommended(card: ModelCard) -> dict[str, Any]:
+    """For routes whose bodies carry no sampling fields (000's chat, 001's /thinking): the model's own defaults
+    (its generation_config.json or --param), else Qwen3's recommendation for thinking, which the seeds served."""
+    defaults = card.defaults
+    return {
+        "temperature": 0.6 if defaults.temperature is None else defaults.temperature,
+        "top_p": 0.95 if defaults.top_p is None else defaults.top_p,
+        "top_k": 20 if defaults.top_k is None else defaults.top_k,
+    }
+
+
 def params_of(request: Request, body: Sampling) -> SamplingParams:
     max_tokens = body.max_tokens or (None if body.max_length else DEFAULT_MAX_TOKENS)
     temperature = body.temperature if body.do_sample else 0.0

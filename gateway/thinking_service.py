@@ -72,12 +72,11 @@ def to_generate(request: Request, body: ThinkingRequest, card: ModelCard) -> Gen
     cap = request.app.state.config.seed_max_tokens
     if cap is not None:
         budget = min(budget, cap // 2)  # under --seed-max-tokens, half the output stays for the answer
-    # Qwen3's recommended sampling for thinking; logprobs 0: the chosen tokens' own, for the confidence.
+    # The model's defaults, else Qwen3's recommendation for thinking; logprobs 0: the chosen tokens' own, for the
+    # confidence.
     params = seeds.sampling(
         request,
-        temperature=0.6,
-        top_p=0.95,
-        top_k=20,
+        **seeds.recommended(card),
         max_tokens=budget + ANSWER_TOKENS,
         logprobs=0,
         thinking_budget=budget,

@@ -158,6 +158,7 @@ def thinking_server(server: Server, tmp_path_factory: pytest.TempPathFactory) ->
         "--model",
         str(folder),
         "--worker-arg=--max-running=8",
+        "--worker-arg=--param=temperature=0",  # greedy where a request leaves it unset (the seed routes): one verdict
         "--gateway-arg=--reasoning-field",
         SEED_MAX_TOKENS,
     )

@@ -123,9 +123,12 @@ def test_thinking_answers_with_reasoning_and_a_confidence(thinking_server: Serve
 
 
 def test_thinking_budget_closes_the_thinking_and_leaves_room_for_an_answer(thinking_server: Server) -> None:
-    """8 thinking tokens at depth 1, then the worker closes the think block: an answer with a confidence."""
-    body = {"question": "What is 2 + 2?", "thinking_depth": 1}
+    """8 thinking tokens at depth 1, then the worker closes the think block: an answer with a confidence. (Greedy on
+    this server: a question the model would think about far past the budget, where the answer comes only because
+    the budget closed the thinking.)"""
+    body = {"question": "Write a long story about a dragon.", "thinking_depth": 1}
     answer = httpx.post(f"{thinking_server.base_url}/thinking", json=body, timeout=60).json()
+    assert answer["thinking_budget"] == 8 and answer["reasoning"] and "</think>" not in answer["reasoning"]
     assert answer["answer"] and 0 < answer["confidence"] <= 1
 
 
