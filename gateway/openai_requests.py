@@ -68,6 +68,7 @@ class Sampling(Struct, kw_only=True):
     repetition_penalty: PositiveFloat | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
+    keep_alive: Any = None  # Ollama's, as an extension: how long the model stays loaded after this request
 
 
 class ContentPart(Struct):
@@ -209,9 +210,7 @@ def text_to_generate(body: CompletionRequest, card: ModelCard, prompt: str) -> G
         raise BadRequest("suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise BadRequest("best_of is not supported; use n", param="best_of")
-    return Generate(
-        id=0, model=card.name, params=_sampling(body, card, body.max_tokens, body.logprobs), prompt=prompt
-    )
+    return Generate(id=0, model=card.name, params=_sampling(body, card, body.max_tokens, body.logprobs), prompt=prompt)
 
 
 def for_choices(generate: Generate, n: int) -> list[Generate]:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from common.control import parse_duration
 from common.protocol import ModelCard
 from gateway.errors import BadRequest
 
@@ -60,3 +61,18 @@ def check_token_ids(ids: list[int], card: ModelCard, param: str) -> None:
     bad = sorted({i for i in ids if not 0 <= i < vocab})
     if bad:
         raise BadRequest(f"{param}: token ids must be 0 to {vocab - 1} for this model; got {bad[:5]}", param=param)
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's keep_alive (also taken on the OpenAI routes): seconds as a number or a duration string ("5m",
+    "1h30m"); negative keeps the model loaded forever (-1), 0 unloads it after the request; None: the server's
+    default (--keep-alive)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected seconds or a duration string, got {msgspec.json.encode(value).decode()}")
+        seconds = float(value) if not isinstance(value, str) else parse_duration(value)
+    except ValueError as exc:
+        raise BadRequest(f"keep_alive: {exc}", param="keep_alive") from None
+    return -1.0 if seconds < 0 else seconds
