@@ -344,6 +344,7 @@ def model_object(card: ModelCard, created: int) -> dict[str, Any]:
         "created": created,
         "owned_by": "tandem",
         "max_model_len": card.context_length,
+        "capabilities": card.capabilities or ["completion"],  # tandem's: a chat UI leaves embedding models out
     }
 
 

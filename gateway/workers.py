@@ -353,7 +353,7 @@ class WorkerPool:
         the new worker; a loaded model whose worker is down (restarting) is a 503 at once, as with fixed ones."""
         if self.registry is None:
             return self._pick(model, [w for w in self.workers if w.serves(model)]), 0.0
-        started = time.monotonic()
+        started, waited = time.monotonic(), False
         while True:
             placement = self.registry.placement(model)
             if placement is not None and placement.state == "ready":
@@ -361,7 +361,7 @@ class WorkerPool:
                 ready = [w for w in workers if w.is_ready]
                 if ready:
                     self.registry.use(placement.name, keep_alive)
-                    return self._pick(model, ready), time.monotonic() - started
+                    return self._pick(model, ready), time.monotonic() - started if waited else 0.0
                 if any(w.ever_ready for w in workers):
                     raise Unavailable(
                         f"The worker of '{model}' is restarting; try again shortly", headers={"Retry-After": "1"}
@@ -369,6 +369,7 @@ class WorkerPool:
                 await self._changed.wait()  # just loaded: this gateway's first heartbeat is on its way
             else:
                 await self.registry.load(model, keep_alive)
+            waited = True
 
     def _pick(self, model: str, candidates: list[WorkerConnection]) -> WorkerConnection:
         if not candidates:
