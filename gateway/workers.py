@@ -25,7 +25,6 @@ from collections.abc import AsyncIterator
 import msgspec
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from common.control import Placement
 from common.curve import CurveKeys
@@ -36,18 +35,13 @@ from common.protocol import (
     Embeddings,
     Failed,
     Generate,
-    Info,
     ModelCard,
-    WorkerInfo,
     encode,
-    to_gateway_decoder,
 )
-from gateway.connection import HANDSHAKE_FAILED, WATCHED, WorkerConnection
+from gateway.connection import WorkerConnection, error_for
 from gateway.errors import (
     BadRequest,
     ClientTooSlowError,
-    ContextLengthExceeded,
-    GatewayError,
     InternalError,
     ModelNotFound,
     ServerBusy,
@@ -109,7 +103,7 @@ class WorkerPool:
             self._add(address)
 
     def _add(self, address: str) -> WorkerConnection:
-        worker = WorkerConnection(address, self._connect(address))
+        worker = WorkerConnection(address, self._connect(address), metrics=self.metrics, on_ready=self._notify)
         self.workers.append(worker)
         self.metrics.worker_down(worker.address)  # a series from the start: "down" is visible before "up"
         if self._started:
@@ -128,9 +122,11 @@ class WorkerPool:
 
     def _run(self, worker: WorkerConnection) -> None:
         worker.tasks = [
-            asyncio.create_task(self._read(worker), name=f"read {worker.address}"),
-            asyncio.create_task(self._heartbeat(worker), name=f"beat {worker.address}"),
-            asyncio.create_task(self._watch(worker), name=f"watch {worker.address}"),
+            asyncio.create_task(worker.read(), name=f"read {worker.address}"),
+            asyncio.create_task(
+                worker.heartbeat(self.heartbeat_interval, self.dead_after), name=f"beat {worker.address}"
+            ),
+            asyncio.create_task(worker.watch(), name=f"watch {worker.address}"),
         ]
 
     async def _drop(self, worker: WorkerConnection, reason: str) -> None:
@@ -285,7 +281,7 @@ class WorkerPool:
                 if isinstance(event, Failed):
                     finished = True
                     meter.fail(event.code)
-                    raise _error_for(event)
+                    raise error_for(event)
                 if not isinstance(event, Delta | Done):
                     continue  # (an Embeddings for a generation: nothing a worker sends)
                 meter.observe(event)
@@ -322,7 +318,7 @@ class WorkerPool:
                     raise Unavailable(f"The model worker stopped while serving this request ({event})")
                 if isinstance(event, Failed):
                     self.metrics.request_errors.labels(request.model, event.code).inc()
-                    raise _error_for(event)
+                    raise error_for(event)
                 if not isinstance(event, Embeddings):
                     raise InternalError(f"the worker answered an embedding request with {type(event).__name__}")
                 self.metrics.request_success.labels(request.model, "stop").inc()
@@ -383,100 +379,3 @@ class WorkerPool:
         if not open_:
             raise ServerBusy("Server is busy: too many requests in flight; retry shortly", headers={"Retry-After": "1"})
         return min(open_, key=lambda w: w.num_in_flight / max(w.capacity, 1))
-
-    # -- background tasks -------------------------------------------------------------------
-
-    async def _read(self, worker: WorkerConnection) -> None:
-        while True:
-            frame = await worker.socket.recv()
-            try:
-                message = to_gateway_decoder.decode(frame)
-            except msgspec.DecodeError as exc:
-                logger.error("worker %s sent a malformed frame: %s", worker.address, exc)
-                continue
-            worker.last_seen = time.monotonic()
-            if isinstance(message, WorkerInfo):
-                self._on_info(worker, message)
-                continue
-            queue = worker.queues.get(message.id)
-            if queue is None:
-                self._orphan(worker, message)
-            elif not queue.put(message, len(frame)):
-                worker.queues.pop(message.id, None)  # overflowed: its reader gets the error, the worker an Abort
-                logger.warning("request %d: the client reads too slowly; aborting it", message.id)
-                worker.abandon(message.id)
-
-    def _orphan(self, worker: WorkerConnection, event: Event) -> None:
-        """An event for a request nobody waits for (any more): abort it, once, unless this was its end."""
-        if isinstance(event, Done | Failed | Embeddings):
-            worker.orphans.pop(event.id, None)
-        elif event.id not in worker.orphans:
-            worker.abandon(event.id)
-
-    def _on_info(self, worker: WorkerConnection, info: WorkerInfo) -> None:
-        if worker.info is None:
-            logger.info("worker %s ready: %s on %s", worker.address, [m.name for m in info.models], info.device)
-        elif worker.info.instance != info.instance:
-            worker.fail_all("worker restarted")
-            logger.info("worker %s is a new instance now", worker.address)
-        if worker.instance and worker.instance != info.instance:
-            worker.restarts += 1
-            self.metrics.worker_restarts.labels(worker.address).set(worker.restarts)
-        was_ready = worker.info is not None
-        worker.instance = info.instance
-        worker.info = info
-        self.metrics.worker_info(worker.address, info)
-        if not was_ready:
-            worker.ever_ready = True
-            self._notify()
-
-    def _mark_down(self, worker: WorkerConnection, reason: str) -> None:
-        worker.info = None
-        worker.fail_all(reason)
-        self.metrics.worker_down(worker.address)
-
-    async def _heartbeat(self, worker: WorkerConnection) -> None:
-        while True:
-            with contextlib.suppress(zmq.ZMQError):  # EAGAIN while the worker is not connected
-                worker.send_now(encode(Info()))
-            await asyncio.sleep(self.heartbeat_interval)
-            silent_for = time.monotonic() - worker.last_seen
-            if worker.info is not None and silent_for > self.dead_after:
-                logger.warning("worker %s silent for %.1fs: marking it down", worker.address, silent_for)
-                self._mark_down(worker, "worker stopped answering")
-
-    async def _watch(self, worker: WorkerConnection) -> None:
-        """A dropped connection means the worker process died: fail its requests now, not at the next beat.
-        A failed handshake means the worker refused our CURVE key (or we have the wrong one for it)."""
-        monitor = worker.socket.get_monitor_socket(WATCHED)
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_DISCONNECTED:
-                    if worker.info is not None:
-                        logger.warning("worker %s disconnected: marking it down", worker.address)
-                    self._mark_down(worker, "worker disconnected")
-                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    worker.refused = False
-                elif event & HANDSHAKE_FAILED and not worker.refused:
-                    worker.refused = True
-                    logger.error("worker %s: the security handshake failed; check the CURVE keys", worker.address)
-        finally:
-            worker.socket.disable_monitor()
-            monitor.close(linger=0)
-
-
-def _error_for(failed: Failed) -> GatewayError:
-    match failed.code:
-        case "bad_request":
-            return BadRequest(failed.message)
-        case "context_length":
-            return ContextLengthExceeded(failed.message, param="messages")
-        case "not_found":
-            return ModelNotFound(failed.message)
-        case "busy":
-            return ServerBusy(failed.message, headers={"Retry-After": "1"})
-        case "unavailable":
-            return Unavailable(failed.message, headers={"Retry-After": "1"})
-        case _:
-            return InternalError(failed.message)

@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import mmap
 import re
 import struct
 from collections.abc import Iterable
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from common.protocol import ModelCard
+from worker.gguf_header import FILE_TYPES, GGUFError, read_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -241,15 +241,12 @@ def cached_snapshot(hf_cache: Path, repo_id: str) -> Path | None:
 
 # -- GGUF ---------------------------------------------------------------------------------------
 
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-# llama.cpp's LLAMA_FTYPE values that name a quantization (general.file_type), for files named without one.
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 12: "Q3_K_M"}
-_FILE_TYPES |= {14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
-
 
 def gguf_card(name: str, path: Path) -> ModelCard:
-    fields, shapes = read_gguf(path)
+    try:
+        fields, shapes = read_gguf(path)
+    except GGUFError as exc:
+        raise CatalogError(str(exc)) from None
     arch = str(fields.get("general.architecture", ""))
     template = str(fields.get("tokenizer.chat_template", ""))
     match = QUANT_SUFFIX.search(path.stem)
@@ -260,64 +257,13 @@ def gguf_card(name: str, path: Path) -> ModelCard:
         architecture=arch,
         num_parameters=sum(math.prod(shape) for shape in shapes),
         size_bytes=path.stat().st_size,
-        quantization=match["quant"].upper() if match else _FILE_TYPES.get(int(file_type or -1), ""),
+        quantization=match["quant"].upper() if match else FILE_TYPES.get(int(file_type or -1), ""),
         chat_template=template,
         capabilities=template_capabilities(template),
         family=arch,
         format="gguf",
         vocab_size=int(fields.get("tokenizer.ggml.tokens") or fields.get(f"{arch}.vocab_size") or 0),
     )
-
-
-def read_gguf(path: Path) -> tuple[dict[str, Any], list[list[int]]]:
-    """The metadata (arrays as their length) and the tensor shapes of a GGUF file (format v2/v3), from its header."""
-    try:
-        with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            reader = _Reader(data)
-            if data[:4] != b"GGUF" or reader.unpack("<4xI")[0] < 2:
-                raise CatalogError(f"not a GGUF file (v2 or later): {path}")
-            num_tensors, num_fields = reader.unpack("<QQ")
-            fields = {reader.string(): reader.value(reader.unpack("<I")[0]) for _ in range(num_fields)}
-            shapes = []
-            for _ in range(num_tensors):
-                reader.string()
-                (num_dims,) = reader.unpack("<I")
-                shapes.append(list(reader.unpack(f"<{num_dims}Q")))
-                reader.unpack("<IQ")  # type, offset
-            return fields, shapes
-    except (OSError, ValueError, struct.error, KeyError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"unreadable GGUF file {path}: {exc}") from None
-
-
-class _Reader:
-    def __init__(self, data: mmap.mmap) -> None:
-        self.data, self.offset = data, 0
-
-    def unpack(self, layout: str) -> tuple[Any, ...]:
-        values = struct.unpack_from(layout, self.data, self.offset)
-        self.offset += struct.calcsize(layout)
-        return values
-
-    def string(self) -> str:
-        (size,) = self.unpack("<Q")
-        self.offset += size
-        return bytes(self.data[self.offset - size : self.offset]).decode()
-
-    def value(self, kind: int) -> Any:
-        if kind == _STRING:
-            return self.string()
-        if kind == _ARRAY:  # skipped: only its length is kept (the vocabulary's size)
-            item, count = self.unpack("<IQ")
-            if item == _STRING:
-                for _ in range(count):
-                    (size,) = self.unpack("<Q")  # (not `offset += unpack(…)`: that adds to the offset before the read)
-                    self.offset += size
-            elif item == _ARRAY:
-                raise ValueError("nested GGUF arrays are not read")
-            else:
-                self.offset += struct.calcsize(_SCALARS[item]) * count
-            return count
-        return self.unpack("<" + _SCALARS[kind])[0]
 
 
 # -- chat templates -----------------------------------------------------------------------------
