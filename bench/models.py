@@ -103,9 +103,7 @@ def main() -> int:
             print("cold loads (the default chat model loaded at start):", flush=True)
             results["cold"] = cold_loads(client)
             print("embeddings per second through tandem:", flush=True)
-            results["tandem"] = {
-                label: tandem_rate(client, texts, batch, clients) for label, batch, clients in LEVELS
-            }
+            results["tandem"] = {label: tandem_rate(client, texts, batch, clients) for label, batch, clients in LEVELS}
         finally:
             stop(process)
     from sentence_transformers import SentenceTransformer

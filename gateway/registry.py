@@ -101,6 +101,7 @@ class RegistryClient:
         shared = self._loads.get(model_key(name))
         if shared is None or shared.done():
             shared = asyncio.ensure_future(self._request(Load(id=next(self._ids), model=name, keep_alive=keep_alive)))
+            shared.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, even with no waiter left
             self._loads[model_key(name)] = shared
         else:
             self.use(name, keep_alive)

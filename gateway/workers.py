@@ -48,6 +48,7 @@ from gateway.errors import (
     Unavailable,
 )
 from gateway.metrics import Metrics
+from gateway.observe import current_trace
 from gateway.registry import RegistryClient, model_key
 from gateway.request_buffer import MAX_BYTES, RequestBuffer, WorkerGone
 
@@ -163,6 +164,12 @@ class WorkerPool:
             self._add(address)
         for worker in [w for w in self.workers if w.address not in wanted]:
             asyncio.ensure_future(self._drop(worker, "its model was unloaded"))
+        loading = {
+            address for p in self.registry.placements.values() if p.state == "loading" for address in p.addresses
+        }
+        for worker in self.workers:
+            if worker.address in loading:  # a new process on an address used before: not a restart to wait out
+                worker.ever_ready = False
         self._notify()
 
     def _notify(self) -> None:
@@ -323,6 +330,9 @@ class WorkerPool:
                     raise InternalError(f"the worker answered an embedding request with {type(event).__name__}")
                 self.metrics.request_success.labels(request.model, "stop").inc()
                 self.metrics.prompt_tokens.labels(request.model).inc(event.num_prompt_tokens)
+                trace = current_trace.get()
+                if trace is not None:  # the request's log line
+                    trace.model, trace.prompt_tokens = request.model, trace.prompt_tokens + event.num_prompt_tokens
                 if waited > event.timings.load:
                     event = msgspec.structs.replace(event, timings=msgspec.structs.replace(event.timings, load=waited))
                 return event
