@@ -180,13 +180,14 @@ class WorkerPool:
 
     @property
     def is_ready(self) -> bool:
-        """Static workers: one answers. With a registry: it has been heard, and no loaded model's worker is down
-        (a worker restarting after a crash makes the server not ready, as it did with one fixed worker)."""
+        """Static workers: one answers. With a registry: it has been heard, and every loaded model has a worker
+        that answers this gateway (one restarting after a crash makes the server not ready, as it did with one
+        fixed worker; so does a new one until its first heartbeat, for milliseconds)."""
         if self.registry is None:
             return any(worker.is_ready for worker in self.workers)
-        serving = {a for p in self.registry.placements.values() if p.state == "ready" for a in p.addresses}
-        down = [w for w in self.workers if w.address in serving and w.ever_ready and not w.is_ready]
-        return self.registry.is_ready and not down
+        answering = {worker.address for worker in self.workers if worker.is_ready}
+        serving = [p for p in self.registry.placements.values() if p.state == "ready"]
+        return self.registry.is_ready and all(answering & set(p.addresses) for p in serving)
 
     def models(self) -> list[ModelCard]:
         """Every model there is (with a registry: loaded or not), each once, in listing order."""

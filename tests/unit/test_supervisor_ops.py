@@ -36,8 +36,8 @@ class NamedEngine(ScriptedEngine):
 class ThreadChild:
     """A worker 'process': a scripted WorkerServer on a thread, with the Child methods WorkerProcess uses."""
 
-    def __init__(self, name: str, address: str, starts: list[str], **engine: Any) -> None:
-        self.name, self.address, self.starts, self.engine = name, address, starts, engine
+    def __init__(self, name: str, address: str, starts: list[str], gate: threading.Event, **engine: Any) -> None:
+        self.name, self.address, self.starts, self.gate, self.engine = name, address, starts, gate, engine
         self.crashes: list[float] = []
         self.server: WorkerServer | None = None
         self.thread: threading.Thread | None = None
@@ -46,8 +46,8 @@ class ThreadChild:
 
     def start(self) -> None:
         self.starts.append(self.name)
-        self.server = WorkerServer(NamedEngine(self.name, **self.engine), self.address)  # type: ignore[arg-type]
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        server = self.server = WorkerServer(NamedEngine(self.name, **self.engine), self.address)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=lambda: self.gate.wait(10) and server.run(), daemon=True)
         self.thread.start()
         self.process = self.thread
 
@@ -63,15 +63,21 @@ class ThreadChild:
 
 
 @contextlib.contextmanager
-def supervised(max_loaded: int = 3, **engine: Any) -> Iterator[tuple[str, ModelManager, list[str]]]:
-    """Models "a" and "b" behind a running control socket; yields its address, the registry and every start."""
+def supervised(
+    max_loaded: int = 3, gate: threading.Event | None = None, **engine: Any
+) -> Iterator[tuple[str, ModelManager, list[str]]]:
+    """Models "a" and "b" behind a running control socket; yields its address, the registry and every start.
+    A worker starts serving once `gate` is set (at once without one): its model loads until then."""
+    if gate is None:
+        gate = threading.Event()
+        gate.set()
     folder = tempfile.mkdtemp(prefix="tandem-test-")
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     starts: list[str] = []
 
     def spawn(entry: Entry) -> list[WorkerProcess]:
         address = f"ipc://{folder}/{entry.name}.sock"
-        return [WorkerProcess(ThreadChild(entry.name, address, starts, **engine), address, context)]  # type: ignore[arg-type]
+        return [WorkerProcess(ThreadChild(entry.name, address, starts, gate, **engine), address, context)]  # type: ignore[arg-type]
 
     entries = [Entry(name, name, ModelCard(name, 64, capabilities=["completion"])) for name in ("a", "b")]
     manager = ModelManager(entries, Budget(max_loaded, 300.0, lambda: 100 * GiB, lambda e: GiB), spawn)
@@ -98,21 +104,21 @@ def loaded(url: str) -> list[str]:
 
 
 def test_eight_first_requests_share_one_load_and_each_model_answers() -> None:
-    with supervised() as (address, _, starts), serve_gateway(registry=address) as gateway:
+    loading = threading.Event()
+    with supervised(gate=loading) as (address, manager, starts), serve_gateway(registry=address) as gateway:
         gateway.wait_ready()
-        assert [m["name"] for m in httpx.get(f"{gateway.base_url}/api/tags").json()["models"]] == [
-            "a:latest",
-            "b:latest",
-        ]
-        assert loaded(gateway.base_url) == []
+        url = gateway.base_url
+        assert [m["name"] for m in httpx.get(f"{url}/api/tags").json()["models"]] == ["a:latest", "b:latest"]
+        assert loaded(url) == []
         with ThreadPoolExecutor(8) as pool:
-            answers = list(
-                pool.map(lambda _: httpx.post(f"{gateway.base_url}/api/chat", json=chat("a"), timeout=30), range(8))
-            )
+            asked = [pool.submit(httpx.post, f"{url}/api/chat", json=chat("a"), timeout=30) for _ in range(8)]
+            wait_until(lambda: sum(g.busy.get("a", 0) for g in list(manager.gateways.values())) == 8)
+            loading.set()  # all eight wait for the model: now it loads
+            answers = [future.result() for future in asked]
         assert [a.status_code for a in answers] == [200] * 8 and starts == ["a"]
         assert all(a.json()["load_duration"] > 0 for a in answers)  # each waited for the one load
-        assert httpx.post(f"{gateway.base_url}/api/chat", json=chat("b:latest"), timeout=30).status_code == 200
-        assert starts == ["a", "b"] and loaded(gateway.base_url) == ["a:latest", "b:latest"]
+        assert httpx.post(f"{url}/api/chat", json=chat("b:latest"), timeout=30).status_code == 200
+        assert starts == ["a", "b"] and loaded(url) == ["a:latest", "b:latest"]
 
 
 def test_an_unload_waits_for_the_stream_it_would_cut() -> None:
