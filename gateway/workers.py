@@ -130,16 +130,20 @@ class WorkerPool:
             asyncio.create_task(worker.watch(), name=f"watch {worker.address}"),
         ]
 
-    async def _drop(self, worker: WorkerConnection, reason: str) -> None:
+    def _drop(self, worker: WorkerConnection, reason: str) -> asyncio.Future[None]:
+        """Out of the pool now (its waiting requests fail now); its tasks and socket close in the background."""
         self.workers.remove(worker)
+        worker.fail_all(reason)
+        self.metrics.worker_down(worker.address)
+        return asyncio.ensure_future(self._close_connection(worker))
+
+    async def _close_connection(self, worker: WorkerConnection) -> None:
         for task in worker.tasks:
             task.cancel()
         for task in worker.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        worker.fail_all(reason)
         worker.socket.close(linger=200)  # milliseconds for the last Aborts to leave
-        self.metrics.worker_down(worker.address)
 
     async def start(self) -> None:
         self._started = True
@@ -163,7 +167,7 @@ class WorkerPool:
         for address in wanted - known:
             self._add(address)
         for worker in [w for w in self.workers if w.address not in wanted]:
-            asyncio.ensure_future(self._drop(worker, "its model was unloaded"))
+            self._drop(worker, "its model was unloaded")
         loading = {
             address for p in self.registry.placements.values() if p.state == "loading" for address in p.addresses
         }

@@ -209,7 +209,8 @@ class ModelManager:
         active = [m for m in self.models.values() if m.state != "unloading"]
         leaving = [m for m in self.models.values() if m.state == "unloading"]
         idle = sorted((m for m in active if m.state == "ready" and m.busy == 0), key=lambda m: m.last_used)
-        free = self.budget.free_memory() + sum(m.size or m.estimate for m in leaving)
+        starting = sum(m.estimate for m in active if m.state in ("waiting", "loading"))  # not taken yet, soon
+        free = self.budget.free_memory() + sum(m.size or m.estimate for m in leaving) - starting
         chosen: list[Model] = []
         while len(active) - len(chosen) >= self.budget.max_loaded or need > free:
             if not idle:
@@ -246,6 +247,8 @@ class ModelManager:
                     "(the server log says why)"
                 )
                 logger.error("%s", message)
+                for other in model.workers:
+                    other.stop()  # its other replicas, if any
                 for waiter in model.waiters:
                     self._answer(waiter, "failed", message)
                 model.waiters.clear()

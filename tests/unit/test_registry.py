@@ -300,3 +300,11 @@ def test_each_request_sets_the_keep_alive(keep_alive: float, expires_at: float |
     h.manager.tick()
     [placement] = h.manager.state(False).placements
     assert placement.expires_at == expires_at
+
+
+def test_a_model_still_loading_counts_against_the_memory() -> None:
+    h = Harness(free=3 * GiB // 2)
+    h.manager.load((b"g", 1), "a", None)  # 1 GiB of the 1.5 about to be taken
+    h.manager.load((b"g", 2), "b", None)
+    [(_, refused)] = h.manager.answers
+    assert refused.code == "busy" and h.states() == {"a": "loading"}
