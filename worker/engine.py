@@ -151,8 +151,8 @@ class Engine:
         return []
 
     def embed(self, peer: bytes, request: Embed) -> list[Outgoing]:
-        """A chat model serves no embeddings (as Ollama and vLLM answer): its hidden states are not trained to
-        compare texts, and a poor vector silently spoils a search index, where an error names the fix."""
+        """A chat model serves no embeddings (Ollama pools its hidden states; vLLM refuses, as here): they are not
+        trained to compare texts, and a poor vector silently spoils a search index, where an error names the fix."""
         message = f'"{self.card.name}" does not support embeddings: use an embedding model'
         return [(peer, Failed(id=request.id, code="bad_request", message=message))]
 
