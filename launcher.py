@@ -1,4 +1,6 @@
-"""`python launcher.py`: start the worker(s), wait until they are ready, start the gateway, keep them alive.
+"""`python launcher.py`: the supervisor. It lists every available model (supervisor/registry.py), loads the first
+one, starts the gateway(s), then loads and unloads models as the gateways ask — one worker process per loaded model
+(per replica), each on its own ipc:// address — and keeps them alive.
 
 A worker that dies is restarted with back-off (the gateway fails its in-flight requests at once and
 reports not-ready until the new worker answers); after repeated crashes the launcher gives up loudly.
@@ -14,15 +16,15 @@ terminal (see cli/).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import re
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -31,117 +33,96 @@ from prometheus_client import multiprocess
 
 from common import logs
 from common.curve import keygen
-from common.protocol import Info, WorkerInfo, encode, to_gateway_decoder
+from supervisor import memory
+from supervisor.config import LaunchConfig, flag_value, parse_args
+from supervisor.control import ControlServer
+from supervisor.processes import Child, WorkerProcess
+from supervisor.registry import Budget, ModelManager
+from worker.catalog import Entry, discover
 
 logger = logging.getLogger("launcher")
 
 HERE = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    host: str
-    port: int
-    model: str | None
-    device: str
-    dtype: str
-    num_workers: int
-    worker_args: tuple[str, ...]
-    gateway_args: tuple[str, ...]
-    grace_period: float
-    max_restarts: int  # crashes within `restart_window` seconds before giving up
-    restart_window: float = 300.0
-    num_gateways: int = 1
-    log_format: str = "text"
-
-
-@dataclass(eq=False)
-class Child:
-    name: str
-    command: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    crashes: list[float] = field(default_factory=list)  # monotonic times of recent crashes
-    pass_fds: tuple[int, ...] = ()
-    env: dict[str, str] | None = None
-
-    def start(self) -> None:
-        # Own session: a terminal's Ctrl-C reaches only the launcher, which stops children in order.
-        self.process = subprocess.Popen(
-            self.command, cwd=HERE, start_new_session=True, pass_fds=self.pass_fds, env=self.env
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
-
-    @property
-    def exit_code(self) -> int | None:
-        return self.process.poll() if self.process else None
-
-    def terminate(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop within %.0fs: killing it", self.name, timeout)
-            self.process.kill()
-            self.process.wait()
+__all__ = ["Child", "LaunchConfig", "Launcher", "main", "parse_args"]
 
 
 class Launcher:
-    def __init__(self, config: LaunchConfig) -> None:
+    def __init__(self, config: LaunchConfig, entries: list[Entry] | None = None) -> None:
         self.config = config
         self.stopping = False
-        run_dir = Path(tempfile.mkdtemp(prefix="tandem-"))  # 0700: only this user reaches the sockets
-        self.addresses = [f"ipc://{run_dir}/worker-{i}.sock" for i in range(config.num_workers)]
-        self.workers = [Child(f"worker {i}", self._worker_command(a)) for i, a in enumerate(self.addresses)]
+        self.run_dir = Path(tempfile.mkdtemp(prefix="tandem-"))  # 0700: only this user reaches the sockets
+        self.context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        if entries is None:
+            entries = discover(
+                config.models, config.models_dir, config.hf_cache, builtin_embedding=config.builtin_embedding
+            )
+        self.entries = entries
+        self.on_gpu = config.device.startswith("cuda") or (config.device == "auto" and memory.gpu_count() > 0)
+        budget = Budget(
+            max_loaded=config.max_loaded_models,
+            keep_alive=config.keep_alive,
+            free_memory=memory.free_gpu_memory if self.on_gpu else memory.free_ram,
+            estimate=self._estimate,
+            max_restarts=config.max_restarts,
+            restart_window=config.restart_window,
+        )
+        self.manager = ModelManager(entries, budget, self._spawn)
+        self.control = ControlServer(self.manager, f"ipc://{self.run_dir}/control.sock", self.context)
         self.listener: socket.socket | None = None
         self.metrics_dir: Path | None = None
         env = dict(os.environ)
         if config.num_gateways > 1:  # several processes: one metrics folder they all write and read
-            self.metrics_dir = run_dir / "metrics"
+            self.metrics_dir = self.run_dir / "metrics"
             self.metrics_dir.mkdir()
             env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         names = ["gateway"] if config.num_gateways == 1 else [f"gateway {i}" for i in range(config.num_gateways)]
         self.gateways = [Child(name, [], env=env) for name in names]
 
-    def _gateway_command(self, fd: int) -> list[str]:
-        command = [sys.executable, "-m", "gateway", "--host", self.config.host, "--port", str(self.config.port)]
-        for address in self.addresses:
-            command += ["--worker", address]
-        command += ["--fd", str(fd), "--shutdown-grace", str(self.config.grace_period)]
-        return command + ["--log-format", self.config.log_format, *self.config.gateway_args]
+    # -- workers ----------------------------------------------------------------------------
 
-    def _worker_command(self, address: str) -> list[str]:
-        command = [
-            sys.executable,
-            "-m",
-            "worker",
-            "--bind",
-            address,
-            "--device",
-            self.config.device,
-            "--dtype",
-            self.config.dtype,
-        ]
-        if self.config.model:
-            command += ["--model", self.config.model]
+    def _spawn(self, entry: Entry) -> list[WorkerProcess]:
+        """The worker processes of one model, one per replica, each on an ipc:// address of its own (the same
+        for every load of that model, so the metrics' `worker` label stays bounded)."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", entry.name)[:40]
+        slug += "-" + hashlib.sha256(entry.name.encode()).hexdigest()[:6]
+        workers = []
+        for i in range(self.config.num_workers):
+            address = f"ipc://{self.run_dir}/{slug}-{i}.sock"
+            name = f"worker {entry.name}" + (f" #{i}" if self.config.num_workers > 1 else "")
+            workers.append(WorkerProcess(Child(name, self._worker_command(address, entry)), address, self.context))
+        return workers
+
+    def _worker_command(self, address: str, entry: Entry) -> list[str]:
+        command = [sys.executable, "-m", "worker", "--bind", address, "--device", self.config.device]
+        command += ["--dtype", self.config.dtype, "--model", entry.spec, "--served-name", entry.name]
+        if self.on_gpu and not entry.is_embedding and self.config.max_loaded_models > 1:
+            if not flag_value(self.config.worker_args, "--kv-cache-fraction"):
+                # Each model's KV cache takes its share of the GPU, so the next model still finds room.
+                command += ["--kv-cache-fraction", f"{0.85 / self.config.max_loaded_models:.3f}"]
         return command + ["--log-format", self.config.log_format, *self.config.worker_args]
+
+    def _estimate(self, entry: Entry) -> int:
+        kv = flag_value(self.config.worker_args, "--kv-cache-bytes")
+        one = memory.estimate(
+            entry,
+            on_gpu=self.on_gpu,
+            dtype=self.config.dtype,
+            kv_cache_bytes=int(kv) if kv and kv.isdigit() else memory.DEFAULT_KV_BYTES,
+        )
+        return one * self.config.num_workers
+
+    # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
-            for worker, address in zip(self.workers, self.addresses, strict=True):
-                worker.start()
-                if not self._wait_ready(worker, address):
-                    return 0 if self.stopping else 1
+            if not self.entries:
+                logger.error("no model to serve: name one with --model, or install the default (see README)")
+                return 1
+            self._list_models()
+            if not self._load_first():
+                return 0 if self.stopping else 1
             try:
                 self._start_gateways()
             except OSError as exc:
@@ -153,6 +134,33 @@ class Launcher:
             return self._supervise()
         finally:
             self._shutdown()
+
+    def _list_models(self) -> None:
+        for entry in self.entries:
+            kind = "embedding" if entry.is_embedding else "chat"
+            logger.info("model %s (%s): %s", entry.name, kind, entry.spec)
+        keep = "forever" if self.config.keep_alive < 0 else f"{self.config.keep_alive:g}s"
+        logger.info("up to %d model(s) loaded at once; keep_alive %s", self.config.max_loaded_models, keep)
+
+    def _load_first(self) -> bool:
+        """The first model listed is loaded before the gateways start, so `make serve` answers at once."""
+        self.manager.load((b"", 0), self.entries[0].name, None)
+        while not self.stopping:
+            self.control.turn(100)
+            answer = self.control.own.pop(0, None)
+            if answer is not None:
+                if answer.code != "ok":
+                    logger.error("%s", answer.message)
+                return answer.code == "ok"
+            if self.manager.fatal:
+                return False
+        return False
+
+    def _gateway_command(self, fd: int) -> list[str]:
+        command = [sys.executable, "-m", "gateway", "--host", self.config.host, "--port", str(self.config.port)]
+        command += ["--registry", self.control.address]
+        command += ["--fd", str(fd), "--shutdown-grace", str(self.config.grace_period)]
+        return command + ["--log-format", self.config.log_format, *self.config.gateway_args]
 
     def _start_gateways(self) -> None:
         """The launcher opens the port and hands it down: several gateways share it, and a restarted gateway
@@ -171,39 +179,10 @@ class Launcher:
             logger.info("%s: shutting down", signal.Signals(signum).name)
         self.stopping = True
 
-    def _wait_ready(self, worker: Child, address: str) -> bool:
-        """Ping the worker until it describes itself; a progress line while the model loads."""
-        context = zmq.Context.instance()
-        socket = context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.IMMEDIATE, 1)
-        socket.connect(address)
-        started = last_note = time.monotonic()
-        try:
-            while not self.stopping:
-                if worker.exit_code is not None:
-                    logger.error("%s exited with code %s while starting", worker.name, worker.exit_code)
-                    return False
-                if socket.poll(0, zmq.POLLOUT):  # connected: ask again (the socket holds nothing while not)
-                    socket.send(encode(Info()), zmq.NOBLOCK)
-                if socket.poll(500, zmq.POLLIN):
-                    info = to_gateway_decoder.decode(socket.recv())
-                    if isinstance(info, WorkerInfo):
-                        names = ", ".join(m.name for m in info.models)
-                        logger.info(
-                            "%s ready: %s on %s (%.1fs)", worker.name, names, info.device, time.monotonic() - started
-                        )
-                        return True
-                if time.monotonic() - last_note >= 5:
-                    last_note = time.monotonic()
-                    logger.info("%s: loading the model… %.0fs", worker.name, last_note - started)
-            return False
-        finally:
-            socket.close(linger=0)
-
     def _wait_http(self) -> bool:
         """Until every gateway process has answered ready: they share the port, so until then a request could
-        land on one that has not reached the workers yet and be refused."""
+        land on one that has not reached the supervisor yet and be refused. The control socket keeps turning:
+        the gateways become ready by hearing from it."""
         url = (
             f"http://{self.config.host if self.config.host not in ('0.0.0.0', '::') else '127.0.0.1'}"
             f":{self.config.port}/health"
@@ -224,17 +203,19 @@ class Launcher:
                         return True
             except (httpx.HTTPError, ValueError):
                 pass
-            time.sleep(0.05 if pending else 0.2)
+            self.control.turn(50 if pending else 200)
         return False
 
     def _supervise(self) -> int:
         while not self.stopping:
-            time.sleep(0.2)
-            for child in [*self.workers, *self.gateways]:
+            self.control.turn(200)
+            if self.manager.fatal:
+                return 1
+            for child in self.gateways:
                 code = child.exit_code
                 if code is None or self.stopping:
                     continue
-                if child in self.gateways and self.metrics_dir and child.pid:
+                if self.metrics_dir and child.pid:
                     multiprocess.mark_process_dead(child.pid, str(self.metrics_dir))  # its live gauges go
                 if not self._restart(child, code):
                     return 1
@@ -256,7 +237,7 @@ class Launcher:
         logger.warning("%s exited with code %s; restarting in %.1fs", child.name, code, delay)
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline and not self.stopping:
-            time.sleep(0.1)
+            self.control.turn(100)  # the workers stay supervised meanwhile
         if not self.stopping:
             child.start()
         return True
@@ -268,46 +249,12 @@ class Launcher:
             gateway.terminate()  # all at once: each drains its in-flight streams (uvicorn) in parallel
         for gateway in self.gateways:
             gateway.stop(timeout=self.config.grace_period + 5)
-        for worker in self.workers:
-            worker.stop(timeout=10)
-
-
-def parse_args(argv: list[str] | None = None) -> LaunchConfig:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="python launcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
-    parser.add_argument(
-        "--model",
-        default=env("TANDEM_MODEL") or None,
-        help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct)",
-    )
-    parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"))
-    parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"))
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (e.g. one per GPU)")
-    parser.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get on shutdown")
-    parser.add_argument("--max-restarts", type=int, default=5, help="worker crashes within 5 minutes before giving up")
-    parser.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port")
-    parser.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to each worker")
-    parser.add_argument("--gateway-arg", action="append", default=[], help="extra flag passed to the gateway")
-    parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
-    args = parser.parse_args(argv)
-    return LaunchConfig(
-        host=args.host,
-        port=args.port,
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        num_workers=args.workers,
-        worker_args=tuple(args.worker_arg),
-        gateway_args=tuple(args.gateway_arg),
-        grace_period=args.grace_period,
-        max_restarts=args.max_restarts,
-        num_gateways=args.gateways,
-        log_format=args.log_format,
-    )
+        self.manager.shutdown()
+        for model in self.manager.models.values():
+            for worker in model.workers:
+                worker.child.stop(timeout=10)
+        self.control.close()
+        self.context.term()
 
 
 # -- CURVE keys ---------------------------------------------------------------------------------

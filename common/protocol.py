@@ -1,7 +1,8 @@
 """The wire messages between gateway and worker: msgspec Structs in one tagged union, msgpack frames.
 
-Gateway → worker: Generate, Abort, Info.  Worker → gateway: Delta, Done, Failed, WorkerInfo.
-The worker always streams; a non-streaming HTTP answer is the gateway folding the deltas.
+Gateway → worker: Generate, Embed, Abort, Info.  Worker → gateway: Delta, Done, Embeddings, Failed, WorkerInfo.
+The worker always streams a generation; a non-streaming HTTP answer is the gateway folding the deltas. An Embed is
+answered by one Embeddings (or Failed).
 A request id is unique per gateway connection; the worker keys its state by (peer, id).
 """
 
@@ -90,6 +91,19 @@ class Generate(Struct, tag=True, omit_defaults=True):
     add_generation_prompt: bool = True
 
 
+EmbedInput = str | list[int]  # a text, or token ids of the model's own vocabulary (special tokens included)
+
+
+class Embed(Struct, tag=True, omit_defaults=True):
+    """Embed every input; answered by one Embeddings with the vectors in the inputs' order."""
+
+    id: int
+    model: str
+    inputs: list[EmbedInput]
+    truncate: bool = True  # False: an input longer than the model's context fails the request
+    dimensions: PositiveInt | None = None  # keep the first N dimensions, then L2-normalise again
+
+
 class Abort(Struct, tag=True):
     """Stop a request and free its state; the worker answers with Done(finish_reason="abort")."""
 
@@ -155,6 +169,15 @@ class Done(Struct, tag=True, omit_defaults=True):
     stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
 
 
+class Embeddings(Struct, tag=True, omit_defaults=True):
+    """An Embed's answer; no more events follow for this id."""
+
+    id: int
+    vectors: list[bytes]  # one per input: float32 little-endian, L2-normalised
+    num_prompt_tokens: int
+    timings: Timings = Timings()
+
+
 ErrorCode = Literal["bad_request", "context_length", "not_found", "busy", "unavailable", "internal"]
 
 
@@ -190,12 +213,13 @@ class ModelCard(Struct, omit_defaults=True):
     quantization: str = ""
     dtype: str = ""
     chat_template: str = ""
-    capabilities: list[str] = []  # "completion", "tools", "thinking"
+    capabilities: list[str] = []  # "completion", "tools", "thinking"; "embedding" for an encoder
     family: str = ""
     format: str = ""  # "gguf", "safetensors"
     vocab_size: int = 0  # token ids run from 0 to vocab_size - 1 (logit_bias and stop_token_ids are checked against it)
     source: str = ""  # what the worker loaded: a .gguf file, a folder or a hub id
     defaults: GenerationDefaults = GenerationDefaults()
+    embedding_length: int = 0  # an encoder's vector size (Ollama's model_info `<arch>.embedding_length`)
 
 
 class WorkerInfo(Struct, tag=True, omit_defaults=True):
@@ -218,8 +242,8 @@ class WorkerInfo(Struct, tag=True, omit_defaults=True):
     memory_total_bytes: int = 0  # the device's memory, or the host's RAM on CPU
 
 
-ToWorker = Generate | Abort | Info
-ToGateway = Delta | Done | Failed | WorkerInfo
+ToWorker = Generate | Embed | Abort | Info
+ToGateway = Delta | Done | Embeddings | Failed | WorkerInfo
 
 _encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     parser.add_argument("--worker", action="append", dest="workers", help="ZeroMQ address of a worker (repeatable)")
+    parser.add_argument(
+        "--registry", default=env("TANDEM_REGISTRY") or None, help="the supervisor's control socket (launcher.py)"
+    )
     parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
     parser.add_argument("--fd", type=int, default=None, help="serve on this inherited listening socket (launcher)")
@@ -110,10 +113,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
             CurveKeys.load(args.curve_server_key, args.curve_client_key)  # fail now, not in the lifespan
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    workers = tuple(args.workers or [env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock")])
+    default_worker = [] if args.registry else [env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock")]
+    workers = tuple(args.workers or default_worker)
     metrics_dir = env("PROMETHEUS_MULTIPROC_DIR")  # prometheus-client itself reads it too, at import
     config = GatewayConfig(
         workers=workers,
+        registry=args.registry,
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,

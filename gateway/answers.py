@@ -73,6 +73,25 @@ class Model(Doc):
     created: int
     owned_by: str
     max_model_len: int
+    capabilities: list[str]  # tandem's: "completion", "tools", "thinking", "embedding"
+
+
+class EmbeddingItem(Doc):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # float, or base64 (float32 little-endian)
+
+
+class EmbeddingUsage(Doc):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Doc):
+    object: Literal["list"]
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelList(Doc):
@@ -166,6 +185,24 @@ class Version(Doc):
     version: str
 
 
+class PullStatus(Doc):
+    """`/api/pull`: one line of the stream, or the whole answer with stream false."""
+
+    status: str
+
+
+class Embed(Doc):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int
+    load_duration: int
+    prompt_eval_count: int
+
+
+class LegacyEmbedding(Doc):
+    embedding: list[float]
+
+
 class OllamaError(Doc):
     error: str
 
@@ -189,6 +226,7 @@ class Health(Doc):
     memory: Memory
     uptime_s: float
     workers: list[dict[str, Any]]
+    loaded: list[dict[str, Any]]  # each loaded model: its workers' addresses, expires_at, size
 
 
 class Liveness(Doc):

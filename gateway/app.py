@@ -19,11 +19,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.control import Placement
 from common.curve import CurveKeys
+from common.protocol import ModelCard
 from gateway import (
     chat_page,
+    embeddings,
     llamafactory,
     ollama,
+    ollama_models,
     openai,
     openapi,
     qwen3_service,
@@ -119,6 +123,15 @@ def worker_view(worker: WorkerConnection) -> dict[str, Any]:
     }
 
 
+def placement_view(card: ModelCard, placement: Placement | None) -> dict[str, Any]:
+    return {
+        "model": card.name,
+        "addresses": placement.addresses if placement else None,
+        "expires_at": placement.expires_at if placement else None,
+        "size": placement.size if placement else None,
+    }
+
+
 async def ready(request: Request) -> Response:
     """Readiness (`/health`, `/health/ready`): 200 once a worker answers, 503 before and while draining.
 
@@ -141,6 +154,7 @@ async def ready(request: Request) -> Response:
         },
         "uptime_s": round(time.time() - state.started_at, 3),
         "workers": [worker_view(w) for w in pool.workers],
+        "loaded": [placement_view(card, placement) for card, placement in pool.loaded()],
     }
     return JSONResponse(body, status_code=200 if status == "healthy" else 503)
 
@@ -187,6 +201,7 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
             max_in_flight=config.max_in_flight,
             curve=curve,
             buffer_bytes=config.buffer_bytes,
+            registry=config.registry,
         )
         app.state.config = config
         app.state.metrics = metrics
@@ -205,6 +220,8 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
         Route("/stats", stats_endpoint, methods=["GET"]),
         *openai.routes(),
         *ollama.routes(),
+        *ollama_models.routes(),
+        *embeddings.routes(),
         *router_info.routes(),
         *chat_page.routes(root=root),
         *seed_routes(),

@@ -8,7 +8,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    workers: tuple[str, ...]  # ZeroMQ addresses of the workers, e.g. ipc:///tmp/tandem-0.sock
+    workers: tuple[str, ...]  # ZeroMQ addresses of fixed workers, e.g. ipc:///tmp/tandem-0.sock
+    registry: str | None = None  # the supervisor's control socket: workers come and go as models load and unload
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024

@@ -29,7 +29,7 @@ from gateway.openai_requests import (
     text_to_generate,
     to_generate,
 )
-from gateway.request_types import ignored_tools_header
+from gateway.request_types import ignored_tools_header, keep_alive_seconds
 from gateway.streaming import (
     SSE_DONE,
     Folded,
@@ -296,13 +296,20 @@ def _reply(prefix: str, body: Sampling, card: ModelCard, request: Request) -> Re
     )
 
 
+def _generative(pool: Any, body: Sampling) -> ModelCard:
+    card: ModelCard = pool.find_model(body.model)
+    if "embedding" in card.capabilities:
+        raise BadRequest(f"The model '{body.model}' is an embedding model: use /v1/embeddings", param="model")
+    return card
+
+
 async def chat_completions(request: Request) -> Response:
     body = await decode_body(request, chat_decoder)
     pool, config = request.app.state.pool, request.app.state.config
-    card = pool.find_model(body.model)
+    card = _generative(pool, body)
     requests = for_choices(to_generate(body, card, config), body.n or 1)
     headers = ignored_tools_header(body.tools, requests[0].tools, card)
-    events = open_events(pool, requests, config.request_timeout)
+    events = open_events(pool, requests, config.request_timeout, keep_alive_seconds(body.keep_alive))
     reply = _reply("chatcmpl", body, card, request)
     options = {"reasoning_field": config.reasoning_field, "logprobs": bool(body.logprobs)}
     if body.stream:
@@ -316,13 +323,13 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await decode_body(request, completion_decoder)
     pool, config = request.app.state.pool, request.app.state.config
-    card = pool.find_model(body.model)
+    card = _generative(pool, body)
     prompts, n = [body.prompt] if isinstance(body.prompt, str) else body.prompt, body.n or 1
     if len(prompts) * n > MAX_CHOICES:
         raise BadRequest(f"At most {MAX_CHOICES} choices per request (prompts × n)", param="n")
     requests = [g for prompt in prompts for g in for_choices(text_to_generate(body, card, prompt, config), n)]
     echoed = [prompt if body.echo else "" for prompt in prompts for _ in range(n)]
-    events = open_events(pool, requests, config.request_timeout)
+    events = open_events(pool, requests, config.request_timeout, keep_alive_seconds(body.keep_alive))
     reply = _reply("cmpl", body, card, request)
     want_logprobs = body.logprobs is not None
     if body.stream:
@@ -339,6 +346,7 @@ def model_object(card: ModelCard, created: int) -> dict[str, Any]:
         "created": created,
         "owned_by": "tandem",
         "max_model_len": card.context_length,
+        "capabilities": card.capabilities or ["completion"],  # tandem's: a chat UI leaves embedding models out
     }
 
 

@@ -72,6 +72,7 @@ class Sampling(Struct, kw_only=True):
     repetition_penalty: PositiveFloat | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
+    keep_alive: Any = None  # Ollama's, as an extension: how long the model stays loaded after this request
 
 
 class ContentPart(Struct):

@@ -20,7 +20,17 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway import answers, llamafactory, ollama_requests, openai_requests, qwen3_service, qwen_chat, seeds
+from gateway import (
+    answers,
+    embeddings,
+    llamafactory,
+    ollama_models,
+    ollama_requests,
+    openai_requests,
+    qwen3_service,
+    qwen_chat,
+    seeds,
+)
 from gateway import thinking_service as thinking
 from gateway.streaming import JSONBody
 
@@ -62,6 +72,18 @@ OPERATIONS = [
     Operation("POST", "/api/show", OLLAMA, "Model details", ollama_requests.ShowRequest, answers.ShowResponse,
               errors=L_ERR),
     Operation("GET", "/api/version", OLLAMA, "Version", answer=answers.Version),
+    Operation("POST", "/api/pull", OLLAMA, "A model that is here: Ollama's success stream", ollama_models.ModelRequest,
+              answers.PullStatus, stream=NDJSON, errors=L_ERR),
+    Operation("DELETE", "/api/delete", OLLAMA, "Refused: tandem serves the files it is given", errors=L_ERR),
+    Operation("POST", "/api/delete", OLLAMA, "Refused, as DELETE", errors=L_ERR),
+    Operation("POST", "/api/copy", OLLAMA, "Refused: tandem serves the files it is given", errors=L_ERR),
+    Operation("POST", "/api/create", OLLAMA, "Refused: tandem serves the files it is given", errors=L_ERR),
+    Operation("POST", "/api/push", OLLAMA, "Refused: tandem serves the files it is given", errors=L_ERR),
+    Operation("POST", "/v1/embeddings", OPENAI, "Embeddings", embeddings.OpenAIRequest, answers.EmbeddingList,
+              errors=O_ERR),
+    Operation("POST", "/api/embed", OLLAMA, "Embeddings", embeddings.EmbedRequest, answers.Embed, errors=L_ERR),
+    Operation("POST", "/api/embeddings", OLLAMA, "Embedding (legacy)", embeddings.LegacyRequest,
+              answers.LegacyEmbedding, errors=L_ERR),
     Operation("GET", "/chat", TANDEM, "The chat page (HTML; its files under /chat/assets/)", media="text/html"),
     Operation("GET", "/server_info", TANDEM, "What a router reads to name this server's model (SGLang's shape)",
               answer=dict[str, Any]),

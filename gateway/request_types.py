@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from common.control import parse_duration
 from common.protocol import ModelCard
 from gateway.errors import BadRequest
 
@@ -94,3 +95,18 @@ def ignored_tools_header(asked: list[Any] | None, sent: list[Any] | None, card: 
         return {}
     logger.warning("a request's %d tools ignored: the chat template of %s cannot render tools", len(asked), card.name)
     return {"warning": f'299 tandem "tools ignored: the chat template of {card.name} cannot render tools"'}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's keep_alive (also taken on the OpenAI routes): seconds as a number or a duration string ("5m",
+    "1h30m"); negative keeps the model loaded forever (-1), 0 unloads it after the request; None: the server's
+    default (--keep-alive)."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected seconds or a duration string, got {msgspec.json.encode(value).decode()}")
+        seconds = float(value) if not isinstance(value, str) else parse_duration(value)
+    except ValueError as exc:
+        raise BadRequest(f"keep_alive: {exc}", param="keep_alive") from None
+    return -1.0 if seconds < 0 else seconds

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -40,7 +40,7 @@ Indexed = tuple[int, Event]  # (choice index, event): OpenAI's `n` runs one Gene
 class EventSource(Protocol):
     """The one method of WorkerPool these helpers use (a fake pool in tests has it too)."""
 
-    def generate(self, request: Generate) -> AsyncIterator[Event]: ...
+    def generate(self, request: Generate, keep_alive: float | None = None) -> AsyncIterator[Event]: ...
 
 
 # -- the request body ---------------------------------------------------------------------------
@@ -86,9 +86,12 @@ def _param_of(message: str) -> str | None:
 # -- running generations ------------------------------------------------------------------------
 
 
-def open_events(pool: EventSource, requests: list[Generate], timeout: float | None) -> AsyncGenerator[Indexed]:
-    """One stream of (choice index, event) over every request, interleaved as the events arrive."""
-    return _merge([pool.generate(request) for request in requests], timeout)
+def open_events(
+    pool: EventSource, requests: list[Generate], timeout: float | None, keep_alive: float | None = None
+) -> AsyncGenerator[Indexed]:
+    """One stream of (choice index, event) over every request, interleaved as the events arrive. The timeout
+    covers the whole request, a wait for its model to load included."""
+    return _merge([pool.generate(request, keep_alive) for request in requests], timeout)
 
 
 async def _merge(streams: list[AsyncIterator[Event]], timeout: float | None) -> AsyncGenerator[Indexed]:
@@ -134,6 +137,15 @@ async def _close(tasks: list[asyncio.Task[Event | None]], streams: list[AsyncIte
     for stream in streams:  # a stream left waiting at its yield runs its finally (Abort) now
         if isinstance(stream, AsyncGenerator):
             await stream.aclose()
+
+
+async def within(work: Awaitable[T], timeout: float | None) -> T:
+    """`work` bounded by the request timeout (a load's wait: the load itself goes on for whoever else waits)."""
+    try:
+        return await asyncio.wait_for(work, timeout)
+    except TimeoutError:
+        message = f"The request ran longer than the server's limit of {timeout:g}s and was stopped"
+        raise RequestTimeout(message) from None
 
 
 async def until_disconnect(request: Request, work: Coroutine[Any, Any, T]) -> T:

@@ -1,4 +1,5 @@
-"""Connections to workers: one DEALER socket each, a heartbeat, routing, and the in-flight table.
+"""Connections to workers: one DEALER socket each (gateway/connection.py), a heartbeat, routing, and the in-flight
+table.
 
 One reader task per worker fans incoming events out to per-request buffers (bounded: gateway/request_buffer.py).
 A worker that stops answering heartbeats, or comes back as a new instance, fails every request that was waiting
@@ -6,6 +7,10 @@ on it. Whenever the gateway stops waiting for a request before its end — clien
 buffer overflow — it sends Abort, and it aborts any request the worker talks about that it no longer knows, so
 nothing runs in a worker for nobody. Every event of every request passes through `generate()`, so that is where
 the request metrics are taken.
+
+The workers are a fixed list (`--worker`), or follow the supervisor's Registry (`--registry`, gateway/registry.py):
+then a request for a model that is not loaded asks for it and waits (bounded by the request timeout, like the rest
+of the request), and the pool connects to each new worker and drops each stopped one.
 """
 
 from __future__ import annotations
@@ -15,116 +20,56 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import cast
 
 import msgspec
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
+from common.control import Placement
 from common.curve import CurveKeys
 from common.protocol import (
-    Abort,
     Delta,
     Done,
+    Embed,
+    Embeddings,
     Failed,
     Generate,
-    Info,
     ModelCard,
-    WorkerInfo,
     encode,
-    to_gateway_decoder,
 )
+from gateway.connection import WorkerConnection, error_for
 from gateway.errors import (
     BadRequest,
     ClientTooSlowError,
-    ContextLengthExceeded,
-    GatewayError,
     InternalError,
     ModelNotFound,
     ServerBusy,
     Unavailable,
 )
 from gateway.metrics import Metrics
+from gateway.observe import current_trace
+from gateway.registry import RegistryClient, model_key
 from gateway.request_buffer import MAX_BYTES, RequestBuffer, WorkerGone
 
 logger = logging.getLogger(__name__)
 
-Event = Delta | Done | Failed
-# Ids of finished or abandoned requests whose events still arrive, remembered so each is aborted once.
-MAX_ORPHANS = 1024
+Event = Delta | Done | Embeddings | Failed
+__all__ = ["WorkerConnection", "WorkerPool", "model_key"]
 
 
-def model_key(name: str) -> str:
-    """Ollama clients say `name:latest`; both dialects match names case-insensitively."""
-    name = name.strip().lower()
-    return name.removesuffix(":latest")
+class Reply:
+    """The one answer of an Embed, where a generation has a RequestBuffer (the same `put`)."""
 
+    def __init__(self) -> None:
+        self.future: asyncio.Future[Embeddings | Failed | Delta | Done | Exception] = (
+            asyncio.get_running_loop().create_future()
+        )
 
-# What the connection monitor listens for: a dead worker, and a worker that refuses our CURVE key.
-_HANDSHAKE_FAILED = (
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-)
-_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
-
-
-@dataclass(eq=False)
-class WorkerConnection:
-    address: str
-    socket: zmq.asyncio.Socket
-    info: WorkerInfo | None = None
-    last_seen: float = 0.0  # monotonic time of the last message from this worker
-    queues: dict[int, RequestBuffer] = field(default_factory=dict)
-    orphans: OrderedDict[int, None] = field(default_factory=OrderedDict)  # unknown ids already sent an Abort
-    instance: str = ""  # the last instance seen, kept while the worker is down, to count restarts
-    restarts: int = 0
-    refused: bool = False  # the last handshake failed (logged once, not once per reconnect)
-
-    @property
-    def is_ready(self) -> bool:
-        return self.info is not None
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self.queues)
-
-    @property
-    def capacity(self) -> int:
-        if self.info is None:
-            return 0
-        return self.info.max_running + self.info.max_waiting
-
-    def serves(self, model: str) -> bool:
-        return self.info is not None and any(model_key(m.name) == model_key(model) for m in self.info.models)
-
-    def fail_all(self, reason: str) -> None:
-        if self.queues:
-            logger.warning("worker %s: %s; failing %d request(s)", self.address, reason, len(self.queues))
-        for queue in self.queues.values():
-            queue.put(WorkerGone(reason))
-        self.queues.clear()
-
-    def send_now(self, frame: bytes) -> None:
-        """Send without waiting: raises zmq.ZMQError (Again while the worker is not connected) at once. The
-        asyncio socket tries a NOBLOCK send on the spot and hands back a finished future (and wakes its readers,
-        which a send on a shadow socket would not)."""
-        future = cast("asyncio.Future[None]", self.socket.send(frame, flags=zmq.NOBLOCK))
-        if future.done():
-            future.result()
-        else:  # queued behind an earlier send: it goes when it can; its error must not be reported unretrieved
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-
-    def abandon(self, request_id: int) -> None:
-        """Abort a request nobody waits for, once: its events still in flight are dropped without another Abort.
-        Never waits: a worker that is not connected has nothing to abort, and a frozen one gets it on waking."""
-        self.orphans[request_id] = None
-        if len(self.orphans) > MAX_ORPHANS:
-            self.orphans.popitem(last=False)
-        with contextlib.suppress(zmq.ZMQError):
-            self.send_now(encode(Abort(id=request_id)))
+    def put(self, event: Embeddings | Failed | Delta | Done | Exception, size: int = 0) -> bool:
+        if not self.future.done():
+            self.future.set_result(event)
+        return True
 
 
 class WorkerPool:
@@ -141,6 +86,7 @@ class WorkerPool:
         max_in_flight: int | None = None,
         curve: CurveKeys | None = None,
         buffer_bytes: int = MAX_BYTES,
+        registry: str | None = None,
     ) -> None:
         self.context = context or zmq.asyncio.Context()
         self.heartbeat_interval = heartbeat_interval
@@ -149,11 +95,21 @@ class WorkerPool:
         self.max_in_flight = max_in_flight
         self.curve = curve
         self.buffer_bytes = buffer_bytes
-        self.workers = [WorkerConnection(address, self._connect(address)) for address in addresses]
-        for worker in self.workers:
-            self.metrics.worker_down(worker.address)  # a series from the start: "down" is visible before "up"
+        self.workers: list[WorkerConnection] = []
+        self.registry = RegistryClient(registry, self.context, self._sync) if registry else None
         self._ids = itertools.count(1)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._changed = asyncio.Event()  # set (and replaced) when a worker turns ready or the registry changes
+        for address in addresses:
+            self._add(address)
+
+    def _add(self, address: str) -> WorkerConnection:
+        worker = WorkerConnection(address, self._connect(address), metrics=self.metrics, on_ready=self._notify)
+        self.workers.append(worker)
+        self.metrics.worker_down(worker.address)  # a series from the start: "down" is visible before "up"
+        if self._started:
+            self._run(worker)
+        return worker
 
     def _connect(self, address: str) -> zmq.asyncio.Socket:
         socket = self.context.socket(zmq.DEALER)
@@ -165,31 +121,82 @@ class WorkerPool:
         socket.connect(address)
         return socket
 
-    async def start(self) -> None:
-        for worker in self.workers:
-            self._tasks.append(asyncio.create_task(self._read(worker), name=f"read {worker.address}"))
-            self._tasks.append(asyncio.create_task(self._heartbeat(worker), name=f"beat {worker.address}"))
-            self._tasks.append(asyncio.create_task(self._watch(worker), name=f"watch {worker.address}"))
+    def _run(self, worker: WorkerConnection) -> None:
+        worker.tasks = [
+            asyncio.create_task(worker.read(), name=f"read {worker.address}"),
+            asyncio.create_task(
+                worker.heartbeat(self.heartbeat_interval, self.dead_after), name=f"beat {worker.address}"
+            ),
+            asyncio.create_task(worker.watch(), name=f"watch {worker.address}"),
+        ]
 
-    async def close(self) -> None:
-        for task in self._tasks:
+    def _drop(self, worker: WorkerConnection, reason: str) -> asyncio.Future[None]:
+        """Out of the pool now (its waiting requests fail now); its tasks and socket close in the background."""
+        self.workers.remove(worker)
+        worker.fail_all(reason)
+        self.metrics.worker_down(worker.address)
+        return asyncio.ensure_future(self._close_connection(worker))
+
+    async def _close_connection(self, worker: WorkerConnection) -> None:
+        for task in worker.tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in worker.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        worker.socket.close(linger=200)  # milliseconds for the last Aborts to leave
+
+    async def start(self) -> None:
+        self._started = True
         for worker in self.workers:
-            worker.fail_all("gateway shutting down")
-            worker.socket.close(linger=200)  # milliseconds for the last Aborts to leave
+            self._run(worker)
+        if self.registry is not None:
+            await self.registry.start()
+
+    async def close(self) -> None:
+        if self.registry is not None:
+            await self.registry.close()
+        for worker in list(self.workers):
+            await self._drop(worker, "gateway shutting down")
         self.context.term()
+
+    def _sync(self) -> None:
+        """The registry changed: connect to new workers, drop those no model runs on any more."""
+        assert self.registry is not None
+        wanted = {address for p in self.registry.placements.values() for address in p.addresses}
+        known = {worker.address for worker in self.workers}
+        for address in wanted - known:
+            self._add(address)
+        for worker in [w for w in self.workers if w.address not in wanted]:
+            self._drop(worker, "its model was unloaded")
+        loading = {
+            address for p in self.registry.placements.values() if p.state == "loading" for address in p.addresses
+        }
+        for worker in self.workers:
+            if worker.address in loading:  # a new process on an address used before: not a restart to wait out
+                worker.ever_ready = False
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     # -- what the endpoints ask -------------------------------------------------------------
 
     @property
     def is_ready(self) -> bool:
-        return any(worker.is_ready for worker in self.workers)
+        """Static workers: one answers. With a registry: it has been heard, and every loaded model has a worker
+        that answers this gateway (one restarting after a crash makes the server not ready, as it did with one
+        fixed worker; so does a new one until its first heartbeat, for milliseconds)."""
+        if self.registry is None:
+            return any(worker.is_ready for worker in self.workers)
+        answering = {worker.address for worker in self.workers if worker.is_ready}
+        serving = [p for p in self.registry.placements.values() if p.state == "ready"]
+        return self.registry.is_ready and all(answering & set(p.addresses) for p in serving)
 
     def models(self) -> list[ModelCard]:
-        """Every model some ready worker serves, each once."""
+        """Every model there is (with a registry: loaded or not), each once, in listing order."""
+        if self.registry is not None:
+            return list(self.registry.models)
         seen: dict[str, ModelCard] = {}
         for worker in self.workers:
             if worker.info is not None:
@@ -198,28 +205,71 @@ class WorkerPool:
         return list(seen.values())
 
     def find_model(self, name: str) -> ModelCard:
+        """The card of a model: the serving worker's (it knows the context it serves), else the registry's."""
+        for worker in self.workers:
+            if worker.info is not None:
+                for card in worker.info.models:
+                    if model_key(card.name) == model_key(name):
+                        return card
+        if self.registry is not None:
+            return self.registry.card(name)
         if not self.is_ready:
             raise Unavailable("No model worker is ready yet; try again shortly", headers={"Retry-After": "1"})
-        for card in self.models():
-            if model_key(card.name) == model_key(name):
-                return card
         raise ModelNotFound(name)
 
     async def ensure_loaded(self, name: str) -> ModelCard:
-        """Make `name` ready to serve (seed 000's POST /api/v1/model/load). The model registry will start a worker
-        for it here; until then this only checks that a ready worker serves it (503 if none is ready, 404 if no
-        worker serves that name)."""
+        """Make `name` loaded and ready to serve (seed 000's POST /api/v1/model/load): through the registry where
+        there is one; fixed workers only say whether one serves it (503 if none is ready, 404 if none serves it)."""
+        await self.load(name)
         return self.find_model(name)
+
+    def loaded(self) -> list[tuple[ModelCard, Placement | None]]:
+        """The loaded models (Ollama's /api/ps) and where they run; fixed workers have no placement."""
+        if self.registry is None:
+            return [(card, None) for card in self.models()]
+        cards = {model_key(card.name): card for card in self.registry.models}
+        return [
+            (cards[name], placement)
+            for name, placement in self.registry.placements.items()
+            if placement.state == "ready" and name in cards
+        ]
 
     def num_in_flight(self) -> int:
         return sum(worker.num_in_flight for worker in self.workers)
 
-    async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
+    async def load(self, model: str, keep_alive: float | None = None) -> float:
+        """Load `model` (an empty Ollama request); the seconds waited. Fixed workers are always loaded."""
+        if self.registry is None:
+            self.find_model(model)
+            return 0.0
+        started = time.monotonic()
+        await self.registry.load(model, keep_alive)
+        return time.monotonic() - started
+
+    async def unload(self, model: str) -> None:
+        """Unload `model` now, once its requests are done (`keep_alive: 0` with nothing to say)."""
+        if self.registry is not None:
+            await self.registry.unload(model)
+        else:
+            self.find_model(model)  # fixed workers stay: the request is answered as Ollama would
+
+    async def generate(self, request: Generate, keep_alive: float | None = None) -> AsyncIterator[Delta | Done]:
         """Send one request and yield its events until Done. Raises GatewayError on failure.
 
-        Leaving the loop early (client gone, error, cancellation) sends Abort to the worker.
+        Leaving the loop early (client gone, error, cancellation) sends Abort to the worker. With a registry, a
+        model that is not loaded is loaded first (the wait counts as the request's load_duration).
         """
-        worker = self._pick(request.model)
+        self._hold(request.model)
+        try:
+            worker, waited = await self._acquire(request.model, keep_alive)
+            async for event in self._generate(worker, request):
+                if isinstance(event, Done) and waited > event.timings.load:
+                    event = msgspec.structs.replace(event, timings=msgspec.structs.replace(event.timings, load=waited))
+                yield event
+        finally:
+            self._release(request.model)
+
+    async def _generate(self, worker: WorkerConnection, request: Generate) -> AsyncIterator[Delta | Done]:
         request = msgspec.structs.replace(request, id=next(self._ids))
         try:
             frame = encode(request)
@@ -249,7 +299,9 @@ class WorkerPool:
                 if isinstance(event, Failed):
                     finished = True
                     meter.fail(event.code)
-                    raise _error_for(event)
+                    raise error_for(event)
+                if not isinstance(event, Delta | Done):
+                    continue  # (an Embeddings for a generation: nothing a worker sends)
                 meter.observe(event)
                 if isinstance(event, Done):
                     finished = True
@@ -263,8 +315,80 @@ class WorkerPool:
                 logger.info("request %d: abandoned before done; sending Abort", request.id)
                 worker.abandon(request.id)
 
-    def _pick(self, model: str) -> WorkerConnection:
-        candidates = [w for w in self.workers if w.serves(model)]
+    async def embed(self, request: Embed, keep_alive: float | None = None) -> Embeddings:
+        """Send one Embed and wait for its vectors; Abort if the wait ends early. Raises GatewayError on failure."""
+        self._hold(request.model)
+        try:
+            worker, waited = await self._acquire(request.model, keep_alive)
+            request = msgspec.structs.replace(request, id=next(self._ids))
+            reply = Reply()
+            worker.queues[request.id] = reply  # type: ignore[assignment]  # the same `put` as a RequestBuffer
+            finished = False
+            try:
+                try:
+                    worker.send_now(encode(request))
+                except zmq.ZMQError:
+                    finished = True
+                    raise Unavailable("The model worker is not connected; try again shortly") from None
+                event = await reply.future
+                finished = not isinstance(event, WorkerGone)
+                if isinstance(event, Exception):
+                    raise Unavailable(f"The model worker stopped while serving this request ({event})")
+                if isinstance(event, Failed):
+                    self.metrics.request_errors.labels(request.model, event.code).inc()
+                    raise error_for(event)
+                if not isinstance(event, Embeddings):
+                    raise InternalError(f"the worker answered an embedding request with {type(event).__name__}")
+                self.metrics.request_success.labels(request.model, "stop").inc()
+                self.metrics.prompt_tokens.labels(request.model).inc(event.num_prompt_tokens)
+                trace = current_trace.get()
+                if trace is not None:  # the request's log line
+                    trace.model, trace.prompt_tokens = request.model, trace.prompt_tokens + event.num_prompt_tokens
+                if waited > event.timings.load:
+                    event = msgspec.structs.replace(event, timings=msgspec.structs.replace(event.timings, load=waited))
+                return event
+            finally:
+                worker.queues.pop(request.id, None)
+                if not finished and request.id not in worker.orphans:
+                    worker.abandon(request.id)
+        finally:
+            self._release(request.model)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def _hold(self, model: str) -> None:
+        if self.registry is not None:
+            self.registry.hold(model)
+
+    def _release(self, model: str) -> None:
+        if self.registry is not None:
+            self.registry.release(model)
+
+    async def _acquire(self, model: str, keep_alive: float | None) -> tuple[WorkerConnection, float]:
+        """A worker for `model`, and the seconds waited for it to load. Fixed workers: pick one now. With a
+        registry: load the model if it is not (or is being unloaded), then wait for this gateway's connection to
+        the new worker; a loaded model whose worker is down (restarting) is a 503 at once, as with fixed ones."""
+        if self.registry is None:
+            return self._pick(model, [w for w in self.workers if w.serves(model)]), 0.0
+        started, waited = time.monotonic(), False
+        while True:
+            placement = self.registry.placement(model)
+            if placement is not None and placement.state == "ready":
+                workers = [w for w in self.workers if w.address in placement.addresses]
+                ready = [w for w in workers if w.is_ready]
+                if ready:
+                    self.registry.use(placement.name, keep_alive)
+                    return self._pick(model, ready), time.monotonic() - started if waited else 0.0
+                if any(w.ever_ready for w in workers):
+                    raise Unavailable(
+                        f"The worker of '{model}' is restarting; try again shortly", headers={"Retry-After": "1"}
+                    )
+                await self._changed.wait()  # just loaded: this gateway's first heartbeat is on its way
+            else:
+                await self.registry.load(model, keep_alive)
+            waited = True
+
+    def _pick(self, model: str, candidates: list[WorkerConnection]) -> WorkerConnection:
         if not candidates:
             self.find_model(model)  # raises the right error: not ready, or no such model
             raise Unavailable(f"No ready worker serves '{model}'")
@@ -276,96 +400,3 @@ class WorkerPool:
         if not open_:
             raise ServerBusy("Server is busy: too many requests in flight; retry shortly", headers={"Retry-After": "1"})
         return min(open_, key=lambda w: w.num_in_flight / max(w.capacity, 1))
-
-    # -- background tasks -------------------------------------------------------------------
-
-    async def _read(self, worker: WorkerConnection) -> None:
-        while True:
-            frame = await worker.socket.recv()
-            try:
-                message = to_gateway_decoder.decode(frame)
-            except msgspec.DecodeError as exc:
-                logger.error("worker %s sent a malformed frame: %s", worker.address, exc)
-                continue
-            worker.last_seen = time.monotonic()
-            if isinstance(message, WorkerInfo):
-                self._on_info(worker, message)
-                continue
-            queue = worker.queues.get(message.id)
-            if queue is None:
-                self._orphan(worker, message)
-            elif not queue.put(message, len(frame)):
-                worker.queues.pop(message.id, None)  # overflowed: its reader gets the error, the worker an Abort
-                logger.warning("request %d: the client reads too slowly; aborting it", message.id)
-                worker.abandon(message.id)
-
-    def _orphan(self, worker: WorkerConnection, event: Event) -> None:
-        """An event for a request nobody waits for (any more): abort it, once, unless this was its end."""
-        if isinstance(event, Done | Failed):
-            worker.orphans.pop(event.id, None)
-        elif event.id not in worker.orphans:
-            worker.abandon(event.id)
-
-    def _on_info(self, worker: WorkerConnection, info: WorkerInfo) -> None:
-        if worker.info is None:
-            logger.info("worker %s ready: %s on %s", worker.address, [m.name for m in info.models], info.device)
-        elif worker.info.instance != info.instance:
-            worker.fail_all("worker restarted")
-            logger.info("worker %s is a new instance now", worker.address)
-        if worker.instance and worker.instance != info.instance:
-            worker.restarts += 1
-            self.metrics.worker_restarts.labels(worker.address).set(worker.restarts)
-        worker.instance = info.instance
-        worker.info = info
-        self.metrics.worker_info(worker.address, info)
-
-    def _mark_down(self, worker: WorkerConnection, reason: str) -> None:
-        worker.info = None
-        worker.fail_all(reason)
-        self.metrics.worker_down(worker.address)
-
-    async def _heartbeat(self, worker: WorkerConnection) -> None:
-        while True:
-            with contextlib.suppress(zmq.ZMQError):  # EAGAIN while the worker is not connected
-                worker.send_now(encode(Info()))
-            await asyncio.sleep(self.heartbeat_interval)
-            silent_for = time.monotonic() - worker.last_seen
-            if worker.info is not None and silent_for > self.dead_after:
-                logger.warning("worker %s silent for %.1fs: marking it down", worker.address, silent_for)
-                self._mark_down(worker, "worker stopped answering")
-
-    async def _watch(self, worker: WorkerConnection) -> None:
-        """A dropped connection means the worker process died: fail its requests now, not at the next beat.
-        A failed handshake means the worker refused our CURVE key (or we have the wrong one for it)."""
-        monitor = worker.socket.get_monitor_socket(_WATCHED)
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_DISCONNECTED:
-                    if worker.info is not None:
-                        logger.warning("worker %s disconnected: marking it down", worker.address)
-                    self._mark_down(worker, "worker disconnected")
-                elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    worker.refused = False
-                elif event & _HANDSHAKE_FAILED and not worker.refused:
-                    worker.refused = True
-                    logger.error("worker %s: the security handshake failed; check the CURVE keys", worker.address)
-        finally:
-            worker.socket.disable_monitor()
-            monitor.close(linger=0)
-
-
-def _error_for(failed: Failed) -> GatewayError:
-    match failed.code:
-        case "bad_request":
-            return BadRequest(failed.message)
-        case "context_length":
-            return ContextLengthExceeded(failed.message, param="messages")
-        case "not_found":
-            return ModelNotFound(failed.message)
-        case "busy":
-            return ServerBusy(failed.message, headers={"Retry-After": "1"})
-        case "unavailable":
-            return Unavailable(failed.message, headers={"Retry-After": "1"})
-        case _:
-            return InternalError(failed.message)

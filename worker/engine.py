@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from common.protocol import Done, ErrorCode, Failed, Generate, ToGateway, Usage, WorkerInfo
+from common.protocol import Done, Embed, ErrorCode, Failed, Generate, ToGateway, Usage, WorkerInfo
 from worker.grammar import Grammars
 from worker.intake import Intake, RequestError
 from worker.kv_blocks import BlockManager
@@ -151,6 +151,12 @@ class Engine:
             return [(peer, Failed(id=request_id, code="busy", message="server busy, please try again"))]
         logger.debug("request %s: %d prompt tokens queued", prepared.key, prepared.seq.num_prompt_tokens)
         return []
+
+    def embed(self, peer: bytes, request: Embed) -> list[Outgoing]:
+        """A chat model serves no embeddings (Ollama pools its hidden states; vLLM refuses, as here): they are not
+        trained to compare texts, and a poor vector silently spoils a search index, where an error names the fix."""
+        message = f'"{self.card.name}" does not support embeddings: use an embedding model'
+        return [(peer, Failed(id=request.id, code="bad_request", message=message))]
 
     def abort(self, peer: bytes, request_id: int) -> list[Outgoing]:
         key = (peer, request_id)

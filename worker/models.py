@@ -6,7 +6,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import re
 import shutil
 import time
 import uuid
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.protocol import GenerationDefaults, ModelCard
+from worker.catalog import QUANT_SUFFIX, template_capabilities
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -33,8 +33,6 @@ DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-# llama.cpp names files like "Model-7B.Q4_K_M.gguf"; the suffix is the quantization.
-QUANT_SUFFIX = re.compile(r"[.\-_](?P<quant>(?:I?Q\d\w*|FP?16|FP?32|BF16))$", re.IGNORECASE)
 CACHE_INFO = "tandem.json"  # written into a converted GGUF copy: where it came from and how it was quantized
 
 
@@ -82,29 +80,6 @@ class LoadedModel:
             source=self.source,
             defaults=self.defaults,
         )
-
-
-def template_capabilities(template: str) -> list[str]:
-    """What a chat template supports, from the variables it reads (as Ollama reads `.Tools` and `.Think`).
-
-    "tools": the template renders the `tools` it is given. "thinking": it reads `enable_thinking` (Qwen3) or
-    writes think tags (DeepSeek-R1), so the engine splits <think>…</think> out of the answer.
-    """
-    import jinja2
-    import jinja2.meta
-
-    try:
-        environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])  # as transformers renders it
-        variables = jinja2.meta.find_undeclared_variables(environment.parse(template))
-    except jinja2.TemplateSyntaxError as exc:  # e.g. transformers' own {% generation %} tag
-        logger.debug("reading the chat template's variables failed (%s); looking for their names instead", exc)
-        variables = {name for name in ("tools", "enable_thinking") if re.search(rf"\b{name}\b", template)}
-    capabilities = ["completion"]
-    if "tools" in variables:
-        capabilities.append("tools")
-    if "enable_thinking" in variables or "<think>" in template or "</think>" in template:
-        capabilities.append("thinking")
-    return capabilities
 
 
 def default_model_path() -> Path:

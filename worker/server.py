@@ -29,10 +29,11 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from common.curve import ServerCurve
-from common.protocol import Abort, Failed, Generate, Info, encode, to_worker_decoder
+from common.protocol import Abort, Embed, Failed, Generate, Info, encode, to_worker_decoder
 from worker.sequence import Prepared
 
-if TYPE_CHECKING:  # the engine imports torch; this module stays light (tests serve a scripted engine)
+if TYPE_CHECKING:  # the engines import torch; this module stays light (tests serve a scripted engine)
+    from worker.embedder import Embedder
     from worker.engine import Engine, Outgoing
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,16 @@ class PeerGone:
     reason: str
 
 
-Inbound = tuple[bytes, Generate | Abort | PeerGone | Prepared]
+Inbound = tuple[bytes, Generate | Embed | Abort | PeerGone | Prepared]
 
 
 class WorkerServer:
     def __init__(
-        self, engine: Engine, bind: str, curve: ServerCurve | None = None, peer_timeout: float = DEFAULT_PEER_TIMEOUT
+        self,
+        engine: Engine | Embedder,
+        bind: str,
+        curve: ServerCurve | None = None,
+        peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     ) -> None:
         self.engine = engine
         self.bind = bind
@@ -125,6 +130,8 @@ class WorkerServer:
             match message:
                 case Generate():
                     self._send(outbox, self.engine.add(peer, message, ready=functools.partial(self._ready, peer)))
+                case Embed():
+                    self._send(outbox, self.engine.embed(peer, message))
                 case Prepared():
                     self._send(outbox, self.engine.admit(message))
                 case Abort(id=request_id):

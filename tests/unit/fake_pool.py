@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from common.protocol import Delta, Done, Generate, ModelCard
+from common.control import Placement
+from common.protocol import Delta, Done, Embed, Embeddings, Generate, ModelCard
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.workers import model_key
 
@@ -21,6 +22,10 @@ class ScriptedPool:
         self.script = script if callable(script) else (lambda request: list(script))
         self.requests: list[Generate] = []
         self.aborted: list[Generate] = []
+        self.keep_alives: list[float | None] = []  # of every generate, load and embed
+        self.unloaded: list[str] = []
+        self.embedded: list[Embed] = []
+        self.vectors: list[bytes] = []  # what embed() answers for every input
         self.hanging = asyncio.Event()
         self.workers: list[Any] = []
         self.is_ready = True
@@ -34,6 +39,24 @@ class ScriptedPool:
     def models(self) -> list[ModelCard]:
         return [self.card]
 
+    def loaded(self) -> list[tuple[ModelCard, Placement | None]]:
+        return [(self.card, None)]
+
+    async def load(self, model: str, keep_alive: float | None = None) -> float:
+        self.find_model(model)
+        self.keep_alives.append(keep_alive)
+        return 0.0
+
+    async def unload(self, model: str) -> None:
+        self.find_model(model)
+        self.unloaded.append(model)
+
+    async def embed(self, request: Embed, keep_alive: float | None = None) -> Embeddings:
+        self.embedded.append(request)
+        self.keep_alives.append(keep_alive)
+        vectors = [self.vectors[i % len(self.vectors)] for i in range(len(request.inputs))]
+        return Embeddings(id=request.id, vectors=vectors, num_prompt_tokens=3 * len(request.inputs))
+
     def find_model(self, name: str) -> ModelCard:
         if model_key(name) == model_key(self.card.name):
             return self.card
@@ -42,8 +65,9 @@ class ScriptedPool:
     async def ensure_loaded(self, name: str) -> ModelCard:
         return self.find_model(name)
 
-    async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
+    async def generate(self, request: Generate, keep_alive: float | None = None) -> AsyncIterator[Delta | Done]:
         self.requests.append(request)
+        self.keep_alives.append(keep_alive)
         finished = False
         try:
             for step in self.script(request):

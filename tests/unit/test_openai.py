@@ -754,7 +754,16 @@ async def test_models_list_and_retrieve() -> None:
     created = listing["data"][0]["created"]
     assert listing == {
         "object": "list",
-        "data": [{"id": CARD.name, "object": "model", "created": created, "owned_by": "tandem", "max_model_len": 8192}],
+        "data": [
+            {
+                "id": CARD.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "tandem",
+                "max_model_len": 8192,
+                "capabilities": CARD.capabilities or ["completion"],
+            }
+        ],
     }
     assert one.json() == listing["data"][0]
     assert missing.status_code == 404 and missing.json()["error"]["message"] == "The model 'org/nope' does not exist"

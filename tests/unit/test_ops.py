@@ -206,11 +206,11 @@ def test_ipc_socket_is_readable_by_its_owner_only() -> None:
     assert mode == 0o600
 
 
-def test_launcher_restarts_with_back_off_then_gives_up_loudly(caplog: pytest.LogCaptureFixture) -> None:
+def test_launcher_restarts_a_gateway_with_back_off_then_gives_up_loudly(caplog: pytest.LogCaptureFixture) -> None:
     config = launcher.LaunchConfig(
         host="127.0.0.1",
         port=0,
-        model=None,
+        models=(),
         device="cpu",
         dtype="auto",
         num_workers=1,
@@ -219,15 +219,18 @@ def test_launcher_restarts_with_back_off_then_gives_up_loudly(caplog: pytest.Log
         grace_period=1,
         max_restarts=2,
     )
-    supervisor = launcher.Launcher(config)
-    crashing = launcher.Child("worker 0", [sys.executable, "-c", "raise SystemExit(3)"])
-    supervisor.workers = [crashing]
+    supervisor = launcher.Launcher(config, entries=[])
+    crashing = launcher.Child("gateway", [sys.executable, "-c", "raise SystemExit(3)"])
+    supervisor.gateways = [crashing]
     crashing.start()
-    assert supervisor._supervise() == 1
+    try:
+        assert supervisor._supervise() == 1
+    finally:
+        supervisor._shutdown()
     assert len(crashing.crashes) == 3
-    assert "worker 0 exited with code 3; restarting in 0.5s" in caplog.text
-    assert "worker 0 exited with code 3; restarting in 1.0s" in caplog.text
-    assert "worker 0 crashed 3 times in 300s (last exit code 3): giving up" in caplog.text
+    assert "gateway exited with code 3; restarting in 0.5s" in caplog.text
+    assert "gateway exited with code 3; restarting in 1.0s" in caplog.text
+    assert "gateway crashed 3 times in 300s (last exit code 3): giving up" in caplog.text
 
 
 def test_gateway_flags_build_one_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

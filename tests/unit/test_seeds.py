@@ -263,7 +263,7 @@ class BarrierPool(FakePool):
         self.started = 0
         self.all_in = asyncio.Event()
 
-    async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
+    async def generate(self, request: Generate, keep_alive: float | None = None) -> AsyncIterator[Delta | Done]:
         self.started += 1
         if self.started == self.size:
             self.all_in.set()

@@ -37,7 +37,7 @@ class Exploding(ScriptedPool):
         super().__init__(CARD, ANSWER)
         self.after_first = after_first
 
-    async def generate(self, request: Generate) -> AsyncIterator[Delta | Done]:
+    async def generate(self, request: Generate, keep_alive: float | None = None) -> AsyncIterator[Delta | Done]:
         if self.after_first:
             yield Delta(id=0, text="partial")
         raise RuntimeError("a bug")

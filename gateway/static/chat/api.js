@@ -61,7 +61,9 @@ export class Api {
     const response = await fetch("v1/models", { headers: this.headers() });
     if (!response.ok) throw await failure(response);
     const body = await response.json();
-    return body.data.map((model) => model.id);
+    // Embedding models answer no chat: tandem marks them in its `capabilities` extension.
+    const chats = body.data.filter((model) => !(model.capabilities || []).includes("embedding"));
+    return chats.map((model) => model.id);
   }
 
   // Yields each chunk of the stream. Aborting `signal` closes the connection: tandem sees the client leave

@@ -1,0 +1,1 @@
+"""The supervisor's parts: the model registry, its control socket, and the worker processes it starts and stops."""

@@ -1,0 +1,124 @@
+"""The launcher's one frozen config, from its flags with env defaults (`python launcher.py --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import logs
+from common.control import parse_duration
+from supervisor import memory
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    host: str
+    port: int
+    models: tuple[str, ...]  # --model: paths, hub ids, name=path; empty: the built-in default chat model
+    device: str
+    dtype: str
+    num_workers: int  # worker processes per loaded model
+    worker_args: tuple[str, ...]
+    gateway_args: tuple[str, ...]
+    grace_period: float
+    max_restarts: int  # crashes within `restart_window` seconds before giving up
+    restart_window: float = 300.0
+    num_gateways: int = 1
+    log_format: str = "text"
+    models_dir: Path | None = None
+    hf_cache: Path | None = None  # the Hugging Face hub cache to list models from; None: not listed
+    keep_alive: float = 300.0  # seconds a model stays loaded after its last request; negative: forever
+    max_loaded_models: int = 3
+    builtin_embedding: bool = True
+
+
+def flag_value(args: tuple[str, ...], flag: str) -> str | None:
+    """The value of `flag` among pass-through arguments (`--flag=V` or `--flag V`), the last one winning."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+    return value
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_args(argv: list[str] | None = None) -> LaunchConfig:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python launcher.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--model",
+        action="append",
+        default=[m for m in env("TANDEM_MODEL", "").split(",") if m],
+        help="a .gguf file, a model folder or a hub id in the local cache; NAME=PATH serves it as NAME (repeatable; "
+        "the first is loaded at start; default: SmolLM2-135M-Instruct)",
+    )
+    models.add_argument(
+        "--models-dir",
+        type=Path,
+        default=env("TANDEM_MODELS_DIR") or None,
+        help="each .gguf file or model folder in it is one model",
+    )
+    models.add_argument(
+        "--no-hf-cache", action="store_true", help="do not list the models in the local Hugging Face cache"
+    )
+    models.add_argument(
+        "--no-embedding-model", action="store_true", help="do not list the built-in embedding model (all-MiniLM-L6-v2)"
+    )
+    models.add_argument(
+        "--keep-alive",
+        type=duration,
+        default=duration(env("TANDEM_KEEP_ALIVE") or env("OLLAMA_KEEP_ALIVE") or "5m"),
+        help="how long a model stays loaded after its last request: 300, 5m, 1h; negative: forever (default 5m)",
+    )
+    models.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=int(env("TANDEM_MAX_LOADED_MODELS") or env("OLLAMA_MAX_LOADED_MODELS") or 0) or None,
+        help="models loaded at once (default: 3, or 3 per GPU)",
+    )
+    parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"))
+    parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"))
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per loaded model (e.g. one per GPU)")
+    parser.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get on shutdown")
+    parser.add_argument("--max-restarts", type=int, default=5, help="worker crashes within 5 minutes before giving up")
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port")
+    parser.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to each worker")
+    parser.add_argument("--gateway-arg", action="append", default=[], help="extra flag passed to the gateway")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
+    args = parser.parse_args(argv)
+    hub = env("HF_HUB_CACHE") or str(Path(env("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
+    max_loaded = args.max_loaded_models or 3 * max(memory.gpu_count() if args.device != "cpu" else 1, 1)
+    return LaunchConfig(
+        host=args.host,
+        port=args.port,
+        models=tuple(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        num_workers=args.workers,
+        worker_args=tuple(args.worker_arg),
+        gateway_args=tuple(args.gateway_arg),
+        grace_period=args.grace_period,
+        max_restarts=args.max_restarts,
+        num_gateways=args.gateways,
+        log_format=args.log_format,
+        models_dir=args.models_dir,
+        hf_cache=None if args.no_hf_cache else Path(hub),
+        keep_alive=args.keep_alive,
+        max_loaded_models=max_loaded,
+        builtin_embedding=not args.no_embedding_model,
+    )
