@@ -19,8 +19,7 @@ import ollama
 import openai
 import pytest
 
-from tests.e2e.conftest import Server, start_server
-from tests.e2e.test_api_fidelity_e2e import MODEL_FILES, QWEN3_STYLE_TEMPLATE, converted_default_model
+from tests.e2e.conftest import MODEL_FILES, QWEN3_STYLE_TEMPLATE, Server, converted_default_model, start_server
 from worker.catalog import DEFAULT_CHAT, DEFAULT_EMBEDDING, wheel_file
 
 pytestmark = pytest.mark.e2e
