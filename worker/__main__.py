@@ -13,6 +13,7 @@ from pathlib import Path
 from common import logs  # stdlib-only log setup shared by all three processes
 from worker.engine import Engine, EngineConfig
 from worker.malloc import keep_freed_memory
+from worker.quant import QUANTIZE_CHOICES
 
 logger = logging.getLogger("worker")
 
@@ -32,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"), help="auto, float32, bfloat16, float16")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=env("TANDEM_QUANTIZE", "auto"),
+        help="auto: a GGUF file's 4/8-bit weights run on int4/int8 kernels (CPU), others dense; none: every weight "
+        "dense (GGUF dequantized); int8, int4: quantize the weights at load",
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -100,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     try:
-        loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+        loaded = load_model(
+            args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, quantize=args.quantize
+        )
     except ModelLoadError as exc:
         print(f"tandem worker: {exc}", file=sys.stderr)
         return 2

@@ -10,13 +10,15 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common.protocol import ModelCard
+from worker.gguf_weights import read_gguf_weights
+from worker.quant import QUANTIZE_CHOICES, QuantWeight, quantize_model
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -56,8 +58,10 @@ class LoadedModel:
     load_seconds: float
     eos_token_ids: set[int]
     format: str  # "gguf" or "safetensors": what the weights were loaded from originally
-    quantization: str = ""  # the GGUF quantization, e.g. "Q4_1"
+    quantization: str = ""  # what the served weights are: the GGUF type ("Q4_1"), "INT8", "INT4"; "" when dense
     size_bytes: int = 0  # weights on disk for GGUF, in memory otherwise
+    # Integer weights by module name, which the runner multiplies with int8/int4 kernels (`worker/quant.py`).
+    quantized: dict[str, QuantWeight] = field(default_factory=dict)
 
     def card(self) -> ModelCard:
         config = self.model.config
@@ -185,11 +189,17 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", cache_dir: Path) -> LoadedModel:
+def load_model(
+    spec: str | None, *, device: str = "auto", dtype: str = "auto", cache_dir: Path, quantize: str = "auto"
+) -> LoadedModel:
     """Load `spec`: None (the default model), a .gguf file, a local HF folder, or a hub id.
 
-    `cache_dir` keeps converted copies of GGUF files (see `_load_gguf`).
+    `cache_dir` keeps converted copies of GGUF files (see `_load_gguf`). `quantize`: "auto" runs a GGUF file's
+    4-bit and 8-bit tensors on integer kernels and everything else dense; "none" runs every weight dense (a GGUF
+    file dequantized, as before); "int8"/"int4" quantize the weights at load (`worker/quant.py`).
     """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelLoadError(f"unknown quantization {quantize!r} (try {', '.join(QUANTIZE_CHOICES)})")
     started = time.perf_counter()
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
@@ -197,6 +207,7 @@ def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", c
     model = model.to(chosen_device).eval()  # type: ignore[arg-type]  # transformers wraps `to`
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    quantized, info["quantization"] = _quantized_weights(model, quantize, info, chosen_device)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -209,11 +220,39 @@ def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", c
         format=info.get("format", "safetensors"),
         quantization=info.get("quantization", ""),
         size_bytes=info.get("size_bytes") or _parameter_bytes(model),
+        quantized=quantized,
     )
     logger.info(
-        "loaded %s (%s, %s) on %s in %.1f s", name, loaded.format, chosen_dtype, chosen_device, loaded.load_seconds
+        "loaded %s (%s, %s%s) on %s in %.1f s",
+        name,
+        loaded.format,
+        chosen_dtype,
+        f", {loaded.quantization}" if loaded.quantization else "",
+        chosen_device,
+        loaded.load_seconds,
     )
     return loaded
+
+
+def _quantized_weights(
+    model: PreTrainedModel, quantize: str, info: dict[str, Any], device: torch.device
+) -> tuple[dict[str, QuantWeight], str]:
+    """The integer weights to serve and the label that tells the truth about them."""
+    native = info.get("quantization", "")
+    if quantize == "none":
+        return {}, ""
+    if device.type != "cpu":
+        if quantize != "auto" or native:
+            logger.warning("int8/int4 kernels run on CPU only here: serving dense %s weights", device.type)
+        return {}, ""
+    if quantize in ("int8", "int4"):
+        started = time.perf_counter()
+        weights = quantize_model(model, quantize)
+        logger.info("quantized %d weights to %s in %.1f s", len(weights), quantize, time.perf_counter() - started)
+        return weights, quantize.upper()
+    if info.get("format") == "gguf" and native:
+        return read_gguf_weights(Path(info["source"]), model.config), native
+    return {}, ""
 
 
 def _load(
@@ -328,9 +367,14 @@ def _load_gguf(
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    info = {"format": "gguf", "quantization": _gguf_quantization(path), "size_bytes": path.stat().st_size}
+    info = {
+        "format": "gguf",
+        "quantization": _gguf_quantization(path),
+        "size_bytes": path.stat().st_size,
+        "source": str(path),
+    }
     logger.info("converted %s from GGUF in %.1f s", path.name, time.perf_counter() - started)
-    _save_converted(model, tokenizer, {**info, "source": str(path)}, cached)
+    _save_converted(model, tokenizer, info, cached)
     return model, tokenizer, info
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker.quant import QuantLinear, QuantWeight, kernel_works
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -58,6 +60,7 @@ class _Linear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None, pack: bool) -> None:
         self.weight, self.bias = weight, bias
+        self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else None
 
     def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
@@ -100,17 +103,20 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+Linear = _Linear | QuantLinear  # one call shape: linear(x, residual=None)
+
+
 @dataclass
 class _Layer:
     """One decoder layer's weights. q/k/v and gate/up are fused so each runs as one matmul over the step."""
 
     input_norm: Tensor
-    qkv: _Linear
+    qkv: Linear
     qk_norm: Tensor | None  # qwen3: per-head RMSNorm weights, q heads then k heads, [H + KVH, D]
-    o_proj: _Linear
+    o_proj: Linear
     post_norm: Tensor
-    gate_up: _Linear
-    down: _Linear
+    gate_up: Linear
+    down: Linear
 
 
 @dataclass
@@ -193,8 +199,18 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int = 16
+        self,
+        model: PreTrainedModel,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int = 16,
+        quantized: dict[str, QuantWeight] | None = None,
     ) -> None:
+        """`quantized`: integer weights by module name (`models.LoadedModel.quantized`); those layers run on int8/int4
+        kernels instead of the module's dense weight, and a fused projection is quantized only if all its parts are.
+        """
         _check_supported(model)
         config: Any = model.config
         decoder: Any = model.base_model  # the LlamaModel (or Qwen2Model, ...) inside the ForCausalLM wrapper
@@ -210,7 +226,12 @@ class ModelRunner:
             raise ValueError(f"the model is {self.embed.dtype} on {self.embed.device}, the runner {dtype} on {device}")
         self.norm = decoder.norm.weight.detach()
         self._pack = _can_pack(device, dtype)
-        self.lm_head = _Linear(model.get_output_embeddings().weight.detach(), None, self._pack)
+        self._quantized = quantized or {}
+        if self._quantized and device.type != "cpu":  # torch's int kernels here are the CPU ones
+            logger.warning("int8/int4 kernels run on CPU only; dequantizing the weights for %s", device)
+            self._quantized = {}
+        self._names = {module: name for name, module in model.named_modules()}
+        self.lm_head = self._linear(model.get_output_embeddings())
         self.layers = [self._take_layer(layer) for layer in decoder.layers]
         rotary = decoder.rotary_emb
         self._inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
@@ -218,12 +239,13 @@ class ModelRunner:
         self._cos = self._sin = torch.empty(0, self.head_dim, device=device, dtype=dtype)
         self._allocate_cache()
         logger.info(
-            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers",
+            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers%s",
             len(self.layers),
             num_blocks,
             block_size,
             num_blocks * self.bytes_per_block(config, dtype, block_size) / 2**20,
             "prepacked oneDNN" if self._pack else "plain",
+            self._describe_quantized(),
         )
 
     def _allocate_cache(self) -> None:
@@ -259,15 +281,31 @@ class ModelRunner:
             down=self._linear(mlp.down_proj),
         )
 
-    def _linear(self, *modules: nn.Linear) -> _Linear:
+    def _linear(self, *modules: nn.Linear) -> Linear:
         weight, bias = _fuse(list(modules)) if len(modules) > 1 else (modules[0].weight, modules[0].bias)
-        return _Linear(weight.detach(), None if bias is None else bias.detach(), self._pack)
+        bias = None if bias is None else bias.detach()
+        parts = [self._quantized.get(self._names.get(m, "")) for m in modules]
+        if all(part is not None for part in parts):
+            linear = QuantLinear([p for p in parts if p is not None], bias, self.dtype)
+            if all(kernel_works(w) for w in linear.weights):
+                return linear
+            logger.warning("no int8/int4 kernel for %s here; it runs dequantized", self._names.get(modules[0]))
+        return _Linear(weight.detach(), bias, self._pack)
+
+    def _describe_quantized(self) -> str:
+        names = ("qkv", "o_proj", "gate_up", "down")
+        linears = [self.lm_head] + [getattr(layer, name) for layer in self.layers for name in names]
+        kinds: dict[str, int] = {}
+        for linear in linears:
+            for kernel in linear.kernels if isinstance(linear, QuantLinear) else []:
+                kinds[kernel.name] = kinds.get(kernel.name, 0) + 1
+        return "".join(f", {count} on {kind}" for kind, count in sorted(kinds.items()))
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> Tensor:
         """Float32 logits [len(chunks), vocab] at the last token of each chunk; writes the chunks' KV."""
         if not chunks:
-            return torch.empty(0, self.lm_head.weight.shape[0], device=self.device)
+            return torch.empty(0, self.lm_head.out_features, device=self.device)
         step = self._prepare(chunks)
         x = F.embedding(step.input_ids, self.embed)
         for index, layer in enumerate(self.layers):
