@@ -18,6 +18,7 @@ import torch
 
 from common.protocol import ModelCard
 from worker.gguf_weights import read_gguf_weights
+from worker.prequantized import load_prequantized, quant_method
 from worker.quant import QUANTIZE_CHOICES, QuantWeight, quantize_model
 
 if TYPE_CHECKING:
@@ -252,6 +253,8 @@ def _quantized_weights(
         return weights, quantize.upper()
     if info.get("format") == "gguf" and native:
         return read_gguf_weights(Path(info["source"]), model.config), native
+    if "quantized" in info:  # GPTQ, AWQ, compressed-tensors
+        return info["quantized"], native
     return {}, ""
 
 
@@ -268,10 +271,26 @@ def _load(
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"not a Hugging Face model folder (no config.json): {spec}")
+        if method := quant_method(folder):
+            return (folder.resolve().name, *_load_prequantized(folder, method, dtype))
         return (folder.resolve().name, *_from_pretrained(str(folder), dtype, device, local_files_only=True), {})
     if spec.startswith(("/", ".", "~")) or folder.exists():
         raise ModelLoadError(f"not a model folder or .gguf file: {spec}")
     return (spec, *_load_hub(spec, dtype, device), {})
+
+
+def _load_prequantized(
+    folder: Path, method: str, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """GPTQ, AWQ, compressed-tensors: read by `worker/prequantized.py` (their own packages need a GPU)."""
+    from transformers import AutoTokenizer
+
+    try:
+        model, weights, label = load_prequantized(folder, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # a damaged or unsupported checkpoint: one line for the user
+        raise ModelLoadError(f"cannot load {method} model {str(folder)!r}: {_first_line(exc)}") from None
+    return model, tokenizer, {"format": method, "quantization": label, "quantized": weights}
 
 
 def context_length(config: PretrainedConfig) -> int:
