@@ -144,3 +144,38 @@ def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
 _INT4_DECODERS = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+
+
+def save_weights(weights: dict[str, QuantWeight], path: Path) -> None:
+    """Keep decoded weights beside the converted copy: parsing the GGUF header alone takes seconds (its vocab)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for name, weight in weights.items():
+        codes = weight.codes
+        if weight.bits == 4:  # two codes a byte on disk
+            codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        tensors[f"{name}.codes"] = codes.contiguous()
+        tensors[f"{name}.scale"] = weight.scale.contiguous()
+        if weight.zero is not None:
+            tensors[f"{name}.zero"] = weight.zero.contiguous()
+        metadata[name] = f"{weight.group_size}:{weight.source}"
+    temporary = path.with_suffix(".tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.rename(path)
+
+
+def load_weights(path: Path) -> dict[str, QuantWeight]:
+    from safetensors import safe_open
+
+    weights = {}
+    with safe_open(str(path), framework="pt") as file:
+        for name, value in (file.metadata() or {}).items():
+            group, source = value.split(":", 1)
+            codes = file.get_tensor(f"{name}.codes")
+            zero = file.get_tensor(f"{name}.zero") if int(group) else None
+            if int(group):
+                codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).view(codes.shape[0], -1)
+            weights[name] = QuantWeight(codes, file.get_tensor(f"{name}.scale"), zero, int(group), source)
+    return weights

@@ -130,6 +130,13 @@ def test_quantize_choices_decide_the_weights_and_the_label(cache_dir: Path) -> N
     native = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
     assert native.card().quantization == "Q4_1" and len(native.quantized) == 30 * 7 + 1
     assert {w.source for w in native.quantized.values()} == {"Q4_1", "Q8_0"}
+    [kept] = cache_dir.glob(f"*/{models.QUANTIZED_WEIGHTS}")  # decoded once, read back by later loads
+    again = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
+    for name, weight in native.quantized.items():
+        other = again.quantized[name]
+        assert (other.group_size, other.source) == (weight.group_size, weight.source)
+        for a, b in ((weight.codes, other.codes), (weight.scale, other.scale), (weight.zero, other.zero)):
+            assert (a is None and b is None) or torch.equal(a, b)
     dense = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir, quantize="none")
     assert dense.quantized == {} and dense.card().quantization == ""  # Ollama then shows the dtype
     for kind in ("int8", "int4"):
