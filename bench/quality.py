@@ -77,7 +77,7 @@ def _kernels(runner: object) -> list:
         for layer in runner.layers
         for n in ("qkv", "o_proj", "gate_up", "down")  # type: ignore[attr-defined]
     ]
-    return [kernel for linear in linears for kernel in getattr(linear, "kernels", [])]
+    return [kernel for linear in linears if hasattr(linear, "quantized") for kernel in linear.quantized.kernels]
 
 
 if __name__ == "__main__":

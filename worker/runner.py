@@ -63,7 +63,7 @@ class _Linear:
         self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else None
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, residual: Tensor | None = None, decode_rows: int = 0) -> Tensor:
         rows = x.shape[0]
         if rows < MIN_MATMUL_ROWS:  # see MIN_MATMUL_ROWS: same kernel, same rounding, whatever the batch
             x = F.pad(x, (0, 0, 0, MIN_MATMUL_ROWS - rows))
@@ -103,7 +103,30 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-Linear = _Linear | QuantLinear  # one call shape: linear(x, residual=None)
+class _SplitLinear:
+    """Integer weights for decode rows, the dense prepacked matmul for prompt rows.
+
+    Decoding reads every weight for a handful of rows: bandwidth-bound, so the int8/int4 kernels' 2-4x fewer bytes
+    win (2x at one sequence). Prefill is compute-bound, where those matrix-vector kernels, which unpack the weights
+    again for every 4 rows, are 2x slower than oneDNN's bf16 matmul (bench/step.py). Which path a row takes depends
+    only on its kind (a prompt token or a generated one), never on the batch, so batch invariance holds; a prompt's
+    KV and first-token logits come from the dense weights, i.e. the dequantized integer weights.
+    """
+
+    def __init__(self, quantized: QuantLinear, dense: _Linear) -> None:
+        self.quantized, self.dense = quantized, dense
+        self.out_features = quantized.out_features
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None, decode_rows: int = 0) -> Tensor:
+        if decode_rows >= x.shape[0]:
+            return self.quantized(x, residual)
+        if decode_rows == 0:
+            return self.dense(x, residual)
+        top, bottom = (None, None) if residual is None else (residual[:decode_rows], residual[decode_rows:])
+        return torch.cat([self.quantized(x[:decode_rows], top), self.dense(x[decode_rows:], bottom)])
+
+
+Linear = _Linear | _SplitLinear  # one call shape: linear(x, residual=None, decode_rows=0)
 
 
 @dataclass
@@ -150,7 +173,9 @@ class _Step:
     sin: Tensor  # [T, 1, D], sign of rotate_half folded in
     decode: list[_DecodeGroup]
     prefills: list[_Prefill]
-    logit_rows: Tensor  # [len(chunks)] row of each chunk's last token, in the caller's order
+    logit_rows: Tensor  # row of each chunk's last token: decode chunks first, then prefill chunks
+    decode_rows: int  # tokens of decode chunks: the first rows of the batch (and of logit_rows)
+    caller_order: Tensor | None  # logit_rows' position of each chunk in the caller's order; None if the same
 
 
 def _fuse(modules: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -286,9 +311,9 @@ class ModelRunner:
         bias = None if bias is None else bias.detach()
         parts = [self._quantized.get(self._names.get(m, "")) for m in modules]
         if all(part is not None for part in parts):
-            linear = QuantLinear([p for p in parts if p is not None], bias, self.dtype)
-            if all(kernel_works(w) for w in linear.weights):
-                return linear
+            quantized = QuantLinear([p for p in parts if p is not None], bias, self.dtype)
+            if all(kernel_works(w) for w in quantized.weights):
+                return _SplitLinear(quantized, _Linear(weight.detach(), bias, self._pack))
             logger.warning("no int8/int4 kernel for %s here; it runs dequantized", self._names.get(modules[0]))
         return _Linear(weight.detach(), bias, self._pack)
 
@@ -297,7 +322,7 @@ class ModelRunner:
         linears = [self.lm_head] + [getattr(layer, name) for layer in self.layers for name in names]
         kinds: dict[str, int] = {}
         for linear in linears:
-            for kernel in linear.kernels if isinstance(linear, QuantLinear) else []:
+            for kernel in linear.quantized.kernels if isinstance(linear, _SplitLinear) else []:
                 kinds[kernel.name] = kinds.get(kernel.name, 0) + 1
         return "".join(f", {count} on {kind}" for kind, count in sorted(kinds.items()))
 
@@ -311,17 +336,19 @@ class ModelRunner:
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, step)
         x = F.rms_norm(x.index_select(0, step.logit_rows), self.norm.shape, self.norm, self.eps)
-        return self.lm_head(x).float()
+        logits = self.lm_head(x, decode_rows=step.decode_rows)
+        return (logits if step.caller_order is None else logits.index_select(0, step.caller_order)).float()
 
     def _layer(self, index: int, layer: _Layer, x: Tensor, step: _Step) -> Tensor:
         h = F.rms_norm(x, layer.input_norm.shape, layer.input_norm, self.eps)
-        q, k, v = self._qkv(layer.qkv(h), layer, step)
+        rows = step.decode_rows
+        q, k, v = self._qkv(layer.qkv(h, decode_rows=rows), layer, step)
         self._k_slots[index].index_copy_(0, step.slots, k)
         self._v_slots[index].index_copy_(0, step.slots, v)
-        x = layer.o_proj(self._attention(index, q, k, v, step), residual=x)
+        x = layer.o_proj(self._attention(index, q, k, v, step), residual=x, decode_rows=rows)
         h = F.rms_norm(x, layer.post_norm.shape, layer.post_norm, self.eps)
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up, residual=x)
+        gate, up = layer.gate_up(h, decode_rows=rows).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up, residual=x, decode_rows=rows)
 
     def _qkv(self, qkv: Tensor, layer: _Layer, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
         """Split the fused projection into q [T, H, D], k and v [T, KVH, D]; rotary on q and k at once."""
@@ -399,6 +426,8 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logit_rows = [0] * len(chunks)
+        internal = {chunk: position for position, chunk in enumerate(decode + prefill)}
+        order = [internal[i] for i in range(len(chunks))]
         bs = self.block_size
         for i in decode + prefill:
             chunk = chunks[i]
@@ -418,8 +447,10 @@ class ModelRunner:
             cos=cos.index_select(0, position_ids).unsqueeze(1),
             sin=sin.index_select(0, position_ids).unsqueeze(1),
             decode=self._prepare_decode([chunks[i] for i in decode]) if decode else [],
+            decode_rows=len(decode),
             prefills=self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode)),
-            logit_rows=self._tensor(logit_rows),
+            logit_rows=self._tensor([logit_rows[i] for i in decode + prefill]),
+            caller_order=None if order == list(range(len(chunks))) else self._tensor(order),
         )
 
     def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup]:

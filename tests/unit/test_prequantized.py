@@ -18,8 +18,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from worker.models import LoadedModel, load_model
 from worker.prequantized import AWQ_ORDER, load_prequantized, quant_method
-from worker.quant import QuantLinear
-from worker.runner import ModelRunner, SeqChunk
+from worker.runner import ModelRunner, SeqChunk, _SplitLinear
 
 GROUP = 32
 CONFIG = {
@@ -126,12 +125,15 @@ def test_checkpoint_loads_onto_the_int4_kernel_with_the_weights_it_packs(method:
         torch.testing.assert_close(weights[name].dequantize(), dense, atol=1e-6, rtol=0)
         torch.testing.assert_close(modules[name].weight, dense, atol=1e-6, rtol=0)  # the dequantized fallback
     runner = ModelRunner(model, device=torch.device("cpu"), dtype=torch.float32, num_blocks=8, quantized=weights)
-    assert isinstance(runner.layers[0].qkv, QuantLinear) and isinstance(runner.layers[1].down, QuantLinear)
+    assert isinstance(runner.layers[0].qkv, _SplitLinear) and isinstance(runner.layers[1].down, _SplitLinear)
     dense_runner = ModelRunner(model, device=torch.device("cpu"), dtype=torch.float32, num_blocks=8)
     ids = list(range(3, 40))
-    ours = runner.forward([SeqChunk(ids, 0, [0, 1, 2], prompt=True)])[0]
-    reference = dense_runner.forward([SeqChunk(ids, 0, [0, 1, 2], prompt=True)])[0]
-    assert torch.nn.functional.cosine_similarity(ours, reference, dim=0) > 0.999  # bf16 activations in the kernel
+    results = []
+    for each in (runner, dense_runner):  # a prompt, then a decode step: decode rows run on the int4 kernel
+        each.forward([SeqChunk(ids[:-1], 0, [0, 1, 2], prompt=True)])
+        results.append(each.forward([SeqChunk(ids[-1:], len(ids) - 1, [0, 1, 2])])[0])
+    # Not equal: the kernel takes bf16 activations.
+    assert torch.nn.functional.cosine_similarity(results[0], results[1], dim=0) > 0.999
 
 
 def test_act_order_gptq_is_dequantized_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Pretr
 from worker import runner as runner_module
 from worker.gguf_weights import read_gguf_weights
 from worker.models import LoadedModel, cpu_has_bf16, default_model_path
-from worker.quant import QuantLinear, QuantWeight, quantize_model
-from worker.runner import ModelRunner, SeqChunk, UnsupportedModel
+from worker.quant import QuantWeight, quantize_model
+from worker.runner import ModelRunner, SeqChunk, UnsupportedModel, _SplitLinear
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 96
@@ -248,7 +248,7 @@ def test_same_logits_alone_and_among_any_neighbours(loaded: LoadedModel, dtype: 
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
     quantized = quantized_weights(loaded, kind)
     runner = ModelRunner(model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS, quantized=quantized)
-    assert all(isinstance(linear, QuantLinear) for linear in (runner.lm_head, runner.layers[0].qkv)) == bool(quantized)
+    assert all(isinstance(linear, _SplitLinear) for linear in (runner.lm_head, runner.layers[0].qkv)) == bool(quantized)
     free = list(range(NUM_BLOCKS))
     ids, others = tokens(loaded, PROMPTS[0]), [tokens(loaded, text) for text in PROMPTS[1:]]
     follow = [5, 77, 1234]  # tokens fed back after the prompt, the same in both runs
