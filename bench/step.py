@@ -31,15 +31,18 @@ from worker.runner import ModelRunner, SeqChunk  # noqa: E402
 BLOCK = 16
 
 
-def time_step(runner: ModelRunner, chunks: list[SeqChunk], repeats: int) -> float:
-    """Median ms of `repeats` steps: on a shared machine a neighbour's burst lands on a few steps, not the median."""
-    runner.forward(chunks)  # warm-up: oneDNN primitives and rope tables are built lazily
-    times = []
+def time_steps(runners: dict[str, ModelRunner], chunks: list[SeqChunk], repeats: int) -> dict[str, float]:
+    """Median ms per runner over `repeats` rounds, one step of each runner a round: on a shared machine a
+    neighbour's burst then lands on every column alike, and the median drops the rounds it hit."""
+    for runner in runners.values():
+        runner.forward(chunks)  # warm-up: oneDNN primitives and rope tables are built lazily
+    times: dict[str, list[float]] = {column: [] for column in runners}
     for _ in range(repeats):
-        started = time.perf_counter()
-        runner.forward(chunks)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+        for column, runner in runners.items():
+            started = time.perf_counter()
+            runner.forward(chunks)
+            times[column].append(time.perf_counter() - started)
+    return {column: statistics.median(values) * 1000 for column, values in times.items()}
 
 
 def decode_chunks(batch: int, context: int) -> list[SeqChunk]:
@@ -74,29 +77,24 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the worker does
     cache = Path.home() / ".cache" / "tandem"
-    rows: dict[str, dict[str, float]] = {}
-    columns = []
+    per_seq = -(-(args.context + 1) // BLOCK)
+    blocks = max(max(args.batch) * per_seq, -(-max(args.prefill) // BLOCK)) + 1
+    runners: dict[str, ModelRunner] = {}
     for dtype in args.dtypes:
         loaded = load_model(None, device="cpu", dtype=dtype, cache_dir=cache, quantize="none")
         for weights in args.formats:
             column = dtype if args.formats == ["dense"] else f"{dtype} {weights}"
-            columns.append(column)
-            per_seq = -(-(args.context + 1) // BLOCK)
-            blocks = max(max(args.batch) * per_seq, -(-max(args.prefill) // BLOCK)) + 1
             quantized = quantized_weights(loaded.model, weights, cache)
-            runner = ModelRunner(
+            runners[column] = ModelRunner(
                 loaded.model, device=loaded.device, dtype=loaded.dtype, num_blocks=blocks, quantized=quantized
             )
-            for batch in args.batch:
-                rows.setdefault(f"decode B={batch}", {})[column] = time_step(
-                    runner, decode_chunks(batch, args.context), args.repeats
-                )
-            for length in args.prefill:
-                chunk = SeqChunk(token_ids=[1] * length, start_pos=0, block_table=list(range(-(-length // BLOCK))))
-                repeats = max(3, args.repeats // 4)
-                rows.setdefault(f"prefill {length}", {})[column] = time_step(runner, [chunk], repeats)
-            del runner, quantized
-        del loaded
+    rows: dict[str, dict[str, float]] = {}
+    for batch in args.batch:
+        rows[f"decode B={batch}"] = time_steps(runners, decode_chunks(batch, args.context), args.repeats)
+    for length in args.prefill:
+        chunk = SeqChunk(token_ids=[1] * length, start_pos=0, block_table=list(range(-(-length // BLOCK))))
+        rows[f"prefill {length}"] = time_steps(runners, [chunk], max(3, args.repeats // 4))
+    columns = list(runners)
     base = columns[0]
     print(f"threads {torch.get_num_threads()}, context {args.context}\n")
     print("| step | " + " | ".join(f"{c} ms" for c in columns) + " | " + f"{base} / others |")

@@ -64,6 +64,7 @@ class _Linear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else None
 
     def __call__(self, x: Tensor, residual: Tensor | None = None, decode_rows: int = 0) -> Tensor:
+        """`decode_rows` is `_SplitLinear`'s; every row takes the one path here."""
         rows = x.shape[0]
         if rows < MIN_MATMUL_ROWS:  # see MIN_MATMUL_ROWS: same kernel, same rounding, whatever the batch
             x = F.pad(x, (0, 0, 0, MIN_MATMUL_ROWS - rows))
@@ -107,8 +108,9 @@ class _SplitLinear:
     """Integer weights for decode rows, the dense prepacked matmul for prompt rows.
 
     Decoding reads every weight for a handful of rows: bandwidth-bound, so the int8/int4 kernels' 2-4x fewer bytes
-    win (2x at one sequence). Prefill is compute-bound, where those matrix-vector kernels, which unpack the weights
-    again for every 4 rows, are 2x slower than oneDNN's bf16 matmul (bench/step.py). Which path a row takes depends
+    win (a whole step 1.3x/1.7x faster at one sequence). Prefill is compute-bound, where those matrix-vector
+    kernels, which unpack the weights again for every 4 rows, made 512-token prefills 2x slower than oneDNN's bf16
+    matmul (bench/step.py). Which path a row takes depends
     only on its kind (a prompt token or a generated one), never on the batch, so batch invariance holds; a prompt's
     KV and first-token logits come from the dense weights, i.e. the dequantized integer weights.
     """
