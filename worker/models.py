@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from common.protocol import ModelCard
-from worker.gguf_weights import load_weights, read_gguf_weights, save_weights
 from worker.prequantized import load_prequantized, quant_method
-from worker.quant import QUANTIZE_CHOICES, QuantWeight, quantize_model
+from worker.quant import QUANTIZE_CHOICES, QuantWeight
+from worker.served_weights import served_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -39,7 +39,6 @@ DTYPES = {
 # llama.cpp names files like "Model-7B.Q4_K_M.gguf"; the suffix is the quantization.
 QUANT_SUFFIX = re.compile(r"[.\-_](?P<quant>(?:I?Q\d\w*|FP?16|FP?32|BF16))$", re.IGNORECASE)
 CACHE_INFO = "tandem.json"  # written into a converted GGUF copy: where it came from and how it was quantized
-QUANTIZED_WEIGHTS = "quantized.safetensors"  # beside it: the file's integer weights, decoded for the kernels
 
 
 Pretrained = tuple["PreTrainedModel", "PreTrainedTokenizerBase"]
@@ -209,7 +208,7 @@ def load_model(
     model = model.to(chosen_device).eval()  # type: ignore[arg-type]  # transformers wraps `to`
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    quantized, info["quantization"] = _quantized_weights(model, quantize, info, chosen_device)
+    quantized, info["quantization"] = served_weights(model, quantize, info, chosen_device)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -236,29 +235,6 @@ def load_model(
     return loaded
 
 
-def _quantized_weights(
-    model: PreTrainedModel, quantize: str, info: dict[str, Any], device: torch.device
-) -> tuple[dict[str, QuantWeight], str]:
-    """The integer weights to serve and the label that tells the truth about them."""
-    native = info.get("quantization", "")
-    if quantize == "none":
-        return {}, ""
-    if device.type != "cpu":
-        if quantize != "auto" or native:
-            logger.warning("int8/int4 kernels run on CPU only here: serving dense %s weights", device.type)
-        return {}, ""
-    if quantize in ("int8", "int4"):
-        started = time.perf_counter()
-        weights = quantize_model(model, quantize)
-        logger.info("quantized %d weights to %s in %.1f s", len(weights), quantize, time.perf_counter() - started)
-        return weights, quantize.upper()
-    if info.get("format") == "gguf" and native:
-        return _gguf_weights(Path(info["source"]), model.config, Path(info["cache_folder"])), native
-    if "quantized" in info:  # GPTQ, AWQ, compressed-tensors
-        return info["quantized"], native
-    return {}, ""
-
-
 def _load(
     spec: str | None, dtype: torch.dtype, device: torch.device, cache_dir: Path
 ) -> tuple[str, PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
@@ -278,28 +254,6 @@ def _load(
     if spec.startswith(("/", ".", "~")) or folder.exists():
         raise ModelLoadError(f"not a model folder or .gguf file: {spec}")
     return (spec, *_load_hub(spec, dtype, device), {})
-
-
-def _gguf_weights(path: Path, config: PretrainedConfig, folder: Path) -> dict[str, QuantWeight]:
-    """The GGUF file's integer weights, decoded once and kept beside its converted copy (0.1 s instead of 2-3 s)."""
-    kept = folder / QUANTIZED_WEIGHTS
-    if kept.is_file():
-        try:
-            started = time.perf_counter()
-            weights = load_weights(kept)
-        except (OSError, ValueError, RuntimeError) as exc:
-            logger.warning("the kept integer weights %s are unusable (%s); decoding the file again", kept, exc)
-        else:
-            logger.info(
-                "loaded %d integer weights from %s in %.1f s", len(weights), kept, time.perf_counter() - started
-            )
-            return weights
-    weights = read_gguf_weights(path, config)
-    try:
-        save_weights(weights, kept)
-    except OSError as exc:  # a read-only or full cache: serve anyway
-        logger.warning("could not keep the integer weights in %s: %s", kept, _first_line(exc))
-    return weights
 
 
 def _load_prequantized(

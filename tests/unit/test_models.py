@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker import models
+from worker import models, served_weights
 from worker.models import ModelLoadError, load_model, pick_device, pick_dtype
 
 
@@ -130,7 +130,7 @@ def test_quantize_choices_decide_the_weights_and_the_label(cache_dir: Path) -> N
     native = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
     assert native.card().quantization == "Q4_1" and len(native.quantized) == 30 * 7 + 1
     assert {w.source for w in native.quantized.values()} == {"Q4_1", "Q8_0"}
-    [kept] = cache_dir.glob(f"*/{models.QUANTIZED_WEIGHTS}")  # decoded once, read back by later loads
+    [kept] = cache_dir.glob(f"*/{served_weights.KEPT_WEIGHTS}")  # decoded once, read back by later loads
     again = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
     for name, weight in native.quantized.items():
         other = again.quantized[name]
