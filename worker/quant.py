@@ -15,7 +15,7 @@ QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
 # group torch's int4 kernel takes; `--quantize int4` uses it too, for quality closest to Q4_1.
 INT4_GROUP = 32
 INT4_GROUPS = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
-# How many 16-wide K tiles torch's int4 packing interleaves: 2 measured no slower than 4 or 8 on 1-64 rows.
+# How many 16-wide K tiles torch's int4 packing interleaves: 2 was as fast as 4 or 8 in a noisy micro-benchmark.
 INT4_INNER_K_TILES = 2
 # Both kernels take bf16 activations and bf16 scales (fp32 activations fall to a scalar loop, 100x slower):
 # an fp32 runner casts its activations around them.
