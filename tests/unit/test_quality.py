@@ -1,7 +1,7 @@
 """Quality floors of each quantized weight format on the real default model: perplexity against its dense reference.
 
 The reference of a GGUF file is its own dequantization (what `--quantize none` serves); of `--quantize int8|int4`,
-the dense bf16 weights they were made from. Floors: int8 within 2 %, 4-bit formats within 10 %. A short slice of
+the dense bf16 weights they were made from. Floors: int8 within 2 %, 4-bit formats within 10 %. A slice of
 tests/data/perplexity.txt keeps this to seconds; bench/quality.py runs the whole text and greedy agreement.
 """
 
@@ -19,7 +19,8 @@ from worker.gguf_weights import read_gguf_weights
 from worker.models import LoadedModel, default_model_path
 from worker.quant import quantize_model
 
-SLICE = 96  # tokens
+# Tokens of the text. Shorter slices are noisy: int8 measured 1.021 on 96 tokens, 1.011 on 192, 0.997 on all 1136.
+SLICE = 192
 FLOORS = {"Q4_1": 1.10, "Q4_K_M": 1.10, "int8": 1.02, "int4": 1.10}
 
 
