@@ -1,13 +1,18 @@
 """`python bench/step.py`: milliseconds per runner step, the engine's inner loop without scheduling or sampling.
 
 Times `ModelRunner.forward` for a batch of B decoding sequences (each with `--context` tokens already cached) and for
-one prefill chunk of `--prefill` tokens, per dtype. The first dtype listed is the baseline of the ratio column.
-Repeat: `.venv/bin/python bench/step.py --dtypes float32 bfloat16 --batch 1 4 16 64`.
+one prefill chunk of `--prefill` tokens, per dtype and weight format. The first column is the baseline of the ratio
+column. Repeat: `.venv/bin/python bench/step.py --dtypes float32 bfloat16 --batch 1 4 16 64`, or per weight format
+`.venv/bin/python bench/step.py --dtypes bfloat16 --formats dense Q4_1 Q8_0 Q4_K_M int8 int4`.
+
+Formats: dense (the GGUF file dequantized, `--quantize none`), a GGUF type (the shipped Q4_1 file's own tensors, or
+one of tests/gguf_writer.py's re-encodings, written once into ~/.cache/tandem/quality), int8/int4 (`--quantize`).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -16,19 +21,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.gguf_writer import FILE_TYPES, write_file_type  # noqa: E402
+from worker.gguf_weights import read_gguf_weights  # noqa: E402
 from worker.malloc import keep_freed_memory  # noqa: E402
-from worker.models import DTYPES, load_model  # noqa: E402
+from worker.models import DTYPES, default_model_path, load_model  # noqa: E402
+from worker.quant import QuantWeight, quantize_model  # noqa: E402
 from worker.runner import ModelRunner, SeqChunk  # noqa: E402
 
 BLOCK = 16
 
 
-def time_step(runner: ModelRunner, chunks: list[SeqChunk], repeats: int) -> float:
-    runner.forward(chunks)  # warm-up: oneDNN primitives and rope tables are built lazily
-    started = time.perf_counter()
+def time_steps(runners: dict[str, ModelRunner], chunks: list[SeqChunk], repeats: int) -> dict[str, float]:
+    """Median ms per runner over `repeats` rounds, one step of each runner a round: on a shared machine a
+    neighbour's burst then lands on every column alike, and the median drops the rounds it hit."""
+    for runner in runners.values():
+        runner.forward(chunks)  # warm-up: oneDNN primitives and rope tables are built lazily
+    times: dict[str, list[float]] = {column: [] for column in runners}
     for _ in range(repeats):
-        runner.forward(chunks)
-    return (time.perf_counter() - started) / repeats * 1000
+        for column, runner in runners.items():
+            started = time.perf_counter()
+            runner.forward(chunks)
+            times[column].append(time.perf_counter() - started)
+    return {column: statistics.median(values) * 1000 for column, values in times.items()}
 
 
 def decode_chunks(batch: int, context: int) -> list[SeqChunk]:
@@ -39,9 +53,20 @@ def decode_chunks(batch: int, context: int) -> list[SeqChunk]:
     ]
 
 
+def quantized_weights(model: torch.nn.Module, name: str, cache: Path) -> dict[str, QuantWeight]:
+    if name == "dense":
+        return {}
+    if name in ("int8", "int4"):
+        return quantize_model(model, name)
+    path = default_model_path() if name == "Q4_1" else write_file_type(default_model_path(), cache / "quality", name)
+    return read_gguf_weights(path, model.config)  # type: ignore[arg-type]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    formats = ["dense", "Q4_1", *FILE_TYPES, "int8", "int4"]
+    parser.add_argument("--formats", nargs="+", default=["dense"], choices=formats, help="weight formats")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--context", type=int, default=200, help="cached tokens per decoding sequence")
     parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
@@ -52,27 +77,31 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the worker does
     cache = Path.home() / ".cache" / "tandem"
-    rows: dict[str, dict[str, float]] = {}
+    per_seq = -(-(args.context + 1) // BLOCK)
+    blocks = max(max(args.batch) * per_seq, -(-max(args.prefill) // BLOCK)) + 1
+    runners: dict[str, ModelRunner] = {}
     for dtype in args.dtypes:
-        loaded = load_model(None, device="cpu", dtype=dtype, cache_dir=cache)
-        per_seq = -(-(args.context + 1) // BLOCK)
-        blocks = max(max(args.batch) * per_seq, -(-max(args.prefill) // BLOCK)) + 1
-        runner = ModelRunner(loaded.model, device=loaded.device, dtype=loaded.dtype, num_blocks=blocks)
-        for batch in args.batch:
-            rows.setdefault(f"decode B={batch}", {})[dtype] = time_step(
-                runner, decode_chunks(batch, args.context), args.repeats
+        loaded = load_model(None, device="cpu", dtype=dtype, cache_dir=cache, quantize="none")
+        for weights in args.formats:
+            column = dtype if args.formats == ["dense"] else f"{dtype} {weights}"
+            quantized = quantized_weights(loaded.model, weights, cache)
+            runners[column] = ModelRunner(
+                loaded.model, device=loaded.device, dtype=loaded.dtype, num_blocks=blocks, quantized=quantized
             )
-        for length in args.prefill:
-            chunk = SeqChunk(token_ids=[1] * length, start_pos=0, block_table=list(range(-(-length // BLOCK))))
-            rows.setdefault(f"prefill {length}", {})[dtype] = time_step(runner, [chunk], max(3, args.repeats // 4))
-        del runner, loaded
-    base = args.dtypes[0]
+    rows: dict[str, dict[str, float]] = {}
+    for batch in args.batch:
+        rows[f"decode B={batch}"] = time_steps(runners, decode_chunks(batch, args.context), args.repeats)
+    for length in args.prefill:
+        chunk = SeqChunk(token_ids=[1] * length, start_pos=0, block_table=list(range(-(-length // BLOCK))))
+        rows[f"prefill {length}"] = time_steps(runners, [chunk], max(3, args.repeats // 4))
+    columns = list(runners)
+    base = columns[0]
     print(f"threads {torch.get_num_threads()}, context {args.context}\n")
-    print("| step | " + " | ".join(f"{d} ms" for d in args.dtypes) + " | " + f"{base} / others |")
-    print("|---|" + "---:|" * (len(args.dtypes) + 1))
+    print("| step | " + " | ".join(f"{c} ms" for c in columns) + " | " + f"{base} / others |")
+    print("|---|" + "---:|" * (len(columns) + 1))
     for name, times in rows.items():
-        ratios = ", ".join(f"{times[base] / times[d]:.2f}x" for d in args.dtypes[1:])
-        print(f"| {name} | " + " | ".join(f"{times[d]:.1f}" for d in args.dtypes) + f" | {ratios or '-'} |")
+        ratios = ", ".join(f"{times[base] / times[c]:.2f}x" for c in columns[1:])
+        print(f"| {name} | " + " | ".join(f"{times[c]:.1f}" for c in columns) + f" | {ratios or '-'} |")
     return 0
 
 

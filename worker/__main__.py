@@ -15,6 +15,7 @@ from common import logs  # stdlib-only log setup shared by all three processes
 from worker.defaults import generation_defaults
 from worker.engine import Engine, EngineConfig
 from worker.malloc import keep_freed_memory
+from worker.quant import QUANTIZE_CHOICES
 from worker.server import DEFAULT_PEER_TIMEOUT, WorkerServer
 
 if TYPE_CHECKING:
@@ -39,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=env("TANDEM_DEVICE", "auto"), help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=env("TANDEM_DTYPE", "auto"), help="auto, float32, bfloat16, float16")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=env("TANDEM_QUANTIZE", "auto"),
+        help="auto: a GGUF file's 4/8-bit weights run on int4/int8 kernels (CPU), others dense; none: every weight "
+        "dense (GGUF dequantized); int8, int4: quantize the weights at load",
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -153,7 +161,9 @@ def build_engine(args: argparse.Namespace) -> Engine | Embedder:
     if folder is not None:
         encoder = load_encoder(folder, args.served_name or folder.name, device=args.device, dtype=args.dtype)
         return Embedder(encoder, EmbedderConfig(max_batch=args.max_batch_inputs, max_waiting=args.max_waiting))
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
+    loaded = load_model(
+        args.model, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir, quantize=args.quantize
+    )
     if args.served_name:
         loaded.name = args.served_name
     loaded.defaults = generation_defaults(loaded.model, args.param)

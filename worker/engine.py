@@ -67,7 +67,12 @@ class Engine:
         if num_blocks < 2:
             raise ValueError("the KV cache budget holds fewer than 2 blocks; raise --kv-cache-bytes")
         self.runner = ModelRunner(
-            loaded.model, device=loaded.device, dtype=loaded.dtype, num_blocks=num_blocks, block_size=config.block_size
+            loaded.model,
+            device=loaded.device,
+            dtype=loaded.dtype,
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            quantized=loaded.quantized,
         )
         self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self.scheduler = Scheduler(

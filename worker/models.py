@@ -17,6 +17,9 @@ import torch
 
 from common.protocol import GenerationDefaults, ModelCard
 from worker.catalog import QUANT_SUFFIX, template_capabilities
+from worker.prequantized import load_prequantized, quant_method
+from worker.quant import QUANTIZE_CHOICES, QuantWeight
+from worker.served_weights import served_weights
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -54,10 +57,12 @@ class LoadedModel:
     load_seconds: float
     eos_token_ids: set[int]
     format: str  # "gguf" or "safetensors": what the weights were loaded from originally
-    quantization: str = ""  # the GGUF quantization, e.g. "Q4_1"
+    quantization: str = ""  # what the served weights are: the GGUF type ("Q4_1"), "INT8", "INT4"; "" when dense
     size_bytes: int = 0  # weights on disk for GGUF, in memory otherwise
     source: str = ""  # what was loaded: the .gguf file, the folder or the hub id
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)  # worker/defaults.py
+    # Integer weights by module name, which the runner multiplies with int8/int4 kernels (`worker/quant.py`).
+    quantized: dict[str, QuantWeight] = field(default_factory=dict)
 
     def card(self) -> ModelCard:
         config = self.model.config
@@ -165,11 +170,17 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", cache_dir: Path) -> LoadedModel:
+def load_model(
+    spec: str | None, *, device: str = "auto", dtype: str = "auto", cache_dir: Path, quantize: str = "auto"
+) -> LoadedModel:
     """Load `spec`: None (the default model), a .gguf file, a local HF folder, or a hub id.
 
-    `cache_dir` keeps converted copies of GGUF files (see `_load_gguf`).
+    `cache_dir` keeps converted copies of GGUF files (see `_load_gguf`). `quantize`: "auto" runs a GGUF file's
+    4-bit and 8-bit tensors on integer kernels and everything else dense; "none" runs every weight dense (a GGUF
+    file dequantized, as before); "int8"/"int4" quantize the weights at load (`worker/quant.py`).
     """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelLoadError(f"unknown quantization {quantize!r} (try {', '.join(QUANTIZE_CHOICES)})")
     started = time.perf_counter()
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
@@ -177,6 +188,7 @@ def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", c
     model = model.to(chosen_device).eval()  # type: ignore[arg-type]  # transformers wraps `to`
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    quantized, info["quantization"] = served_weights(model, quantize, info, chosen_device)
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -190,9 +202,16 @@ def load_model(spec: str | None, *, device: str = "auto", dtype: str = "auto", c
         quantization=info.get("quantization", ""),
         size_bytes=info.get("size_bytes") or _parameter_bytes(model),
         source=str(default_model_path() if spec is None else spec),
+        quantized=quantized,
     )
     logger.info(
-        "loaded %s (%s, %s) on %s in %.1f s", name, loaded.format, chosen_dtype, chosen_device, loaded.load_seconds
+        "loaded %s (%s, %s%s) on %s in %.1f s",
+        name,
+        loaded.format,
+        chosen_dtype,
+        f", {loaded.quantization}" if loaded.quantization else "",
+        chosen_device,
+        loaded.load_seconds,
     )
     return loaded
 
@@ -210,10 +229,26 @@ def _load(
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"not a Hugging Face model folder (no config.json): {spec}")
+        if method := quant_method(folder):
+            return (folder.resolve().name, *_load_prequantized(folder, method, dtype))
         return (folder.resolve().name, *_from_pretrained(str(folder), dtype, device, local_files_only=True), {})
     if spec.startswith(("/", ".", "~")) or folder.exists():
         raise ModelLoadError(f"not a model folder or .gguf file: {spec}")
     return (spec, *_load_hub(spec, dtype, device), {})
+
+
+def _load_prequantized(
+    folder: Path, method: str, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """GPTQ, AWQ, compressed-tensors: read by `worker/prequantized.py` (their own packages need a GPU)."""
+    from transformers import AutoTokenizer
+
+    try:
+        model, weights, label = load_prequantized(folder, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # a damaged or unsupported checkpoint: one line for the user
+        raise ModelLoadError(f"cannot load {method} model {str(folder)!r}: {_first_line(exc)}") from None
+    return model, tokenizer, {"format": method, "quantization": label, "quantized": weights}
 
 
 def context_length(config: PretrainedConfig) -> int:
@@ -301,7 +336,7 @@ def _load_gguf(
             logger.info(
                 "loaded %s from its converted copy %s in %.1f s", path.name, cached, time.perf_counter() - started
             )
-            return model, tokenizer, info
+            return model, tokenizer, {**info, "source": str(path), "cache_folder": str(cached)}
     started = time.perf_counter()
     # Dequantized on the CPU; load_model moves the result to the device.
     model, tokenizer = _from_pretrained(str(path.parent), dtype, None, local_files_only=True, gguf_file=path.name)
@@ -309,10 +344,15 @@ def _load_gguf(
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    info = {"format": "gguf", "quantization": _gguf_quantization(path), "size_bytes": path.stat().st_size}
+    info = {
+        "format": "gguf",
+        "quantization": _gguf_quantization(path),
+        "size_bytes": path.stat().st_size,
+        "source": str(path),
+    }
     logger.info("converted %s from GGUF in %.1f s", path.name, time.perf_counter() - started)
-    _save_converted(model, tokenizer, {**info, "source": str(path)}, cached)
-    return model, tokenizer, info
+    _save_converted(model, tokenizer, info, cached)
+    return model, tokenizer, {**info, "cache_folder": str(cached)}
 
 
 def _gguf_cache_folder(path: Path, dtype: torch.dtype, cache_dir: Path) -> Path:

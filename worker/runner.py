@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker.quant import QuantLinear, QuantWeight, kernel_works
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -58,9 +60,11 @@ class _Linear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None, pack: bool) -> None:
         self.weight, self.bias = weight, bias
+        self.out_features = weight.shape[0]
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None) if pack else None
 
-    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, residual: Tensor | None = None, decode_rows: int = 0) -> Tensor:
+        """`decode_rows` is `_SplitLinear`'s; every row takes the one path here."""
         rows = x.shape[0]
         if rows < MIN_MATMUL_ROWS:  # see MIN_MATMUL_ROWS: same kernel, same rounding, whatever the batch
             x = F.pad(x, (0, 0, 0, MIN_MATMUL_ROWS - rows))
@@ -100,17 +104,44 @@ def _can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+class _SplitLinear:
+    """Integer weights for decode rows, the dense prepacked matmul for prompt rows.
+
+    Decoding reads every weight for a handful of rows: bandwidth-bound, so the int8/int4 kernels' 2-4x fewer bytes
+    win (a whole step 1.3x/1.7x faster at one sequence). Prefill is compute-bound, where those matrix-vector
+    kernels, which unpack the weights again for every 4 rows, made 512-token prefills 2x slower than oneDNN's bf16
+    matmul (bench/step.py). Which path a row takes depends
+    only on its kind (a prompt token or a generated one), never on the batch, so batch invariance holds; a prompt's
+    KV and first-token logits come from the dense weights, i.e. the dequantized integer weights.
+    """
+
+    def __init__(self, quantized: QuantLinear, dense: _Linear) -> None:
+        self.quantized, self.dense = quantized, dense
+        self.out_features = quantized.out_features
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None, decode_rows: int = 0) -> Tensor:
+        if decode_rows >= x.shape[0]:
+            return self.quantized(x, residual)
+        if decode_rows == 0:
+            return self.dense(x, residual)
+        top, bottom = (None, None) if residual is None else (residual[:decode_rows], residual[decode_rows:])
+        return torch.cat([self.quantized(x[:decode_rows], top), self.dense(x[decode_rows:], bottom)])
+
+
+Linear = _Linear | _SplitLinear  # one call shape: linear(x, residual=None, decode_rows=0)
+
+
 @dataclass
 class _Layer:
     """One decoder layer's weights. q/k/v and gate/up are fused so each runs as one matmul over the step."""
 
     input_norm: Tensor
-    qkv: _Linear
+    qkv: Linear
     qk_norm: Tensor | None  # qwen3: per-head RMSNorm weights, q heads then k heads, [H + KVH, D]
-    o_proj: _Linear
+    o_proj: Linear
     post_norm: Tensor
-    gate_up: _Linear
-    down: _Linear
+    gate_up: Linear
+    down: Linear
 
 
 @dataclass
@@ -144,7 +175,9 @@ class _Step:
     sin: Tensor  # [T, 1, D], sign of rotate_half folded in
     decode: list[_DecodeGroup]
     prefills: list[_Prefill]
-    logit_rows: Tensor  # [len(chunks)] row of each chunk's last token, in the caller's order
+    logit_rows: Tensor  # row of each chunk's last token: decode chunks first, then prefill chunks
+    decode_rows: int  # tokens of decode chunks: the first rows of the batch (and of logit_rows)
+    caller_order: Tensor | None  # logit_rows' position of each chunk in the caller's order; None if the same
 
 
 def _fuse(modules: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -193,8 +226,18 @@ class ModelRunner:
     """
 
     def __init__(
-        self, model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int = 16
+        self,
+        model: PreTrainedModel,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int = 16,
+        quantized: dict[str, QuantWeight] | None = None,
     ) -> None:
+        """`quantized`: integer weights by module name (`models.LoadedModel.quantized`); those layers run on int8/int4
+        kernels instead of the module's dense weight, and a fused projection is quantized only if all its parts are.
+        """
         _check_supported(model)
         config: Any = model.config
         decoder: Any = model.base_model  # the LlamaModel (or Qwen2Model, ...) inside the ForCausalLM wrapper
@@ -210,7 +253,12 @@ class ModelRunner:
             raise ValueError(f"the model is {self.embed.dtype} on {self.embed.device}, the runner {dtype} on {device}")
         self.norm = decoder.norm.weight.detach()
         self._pack = _can_pack(device, dtype)
-        self.lm_head = _Linear(model.get_output_embeddings().weight.detach(), None, self._pack)
+        self._quantized = quantized or {}
+        if self._quantized and device.type != "cpu":  # torch's int kernels here are the CPU ones
+            logger.warning("int8/int4 kernels run on CPU only; dequantizing the weights for %s", device)
+            self._quantized = {}
+        self._names = {module: name for name, module in model.named_modules()}
+        self.lm_head = self._linear(model.get_output_embeddings())
         self.layers = [self._take_layer(layer) for layer in decoder.layers]
         rotary = decoder.rotary_emb
         self._inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
@@ -218,12 +266,13 @@ class ModelRunner:
         self._cos = self._sin = torch.empty(0, self.head_dim, device=device, dtype=dtype)
         self._allocate_cache()
         logger.info(
-            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers",
+            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers%s",
             len(self.layers),
             num_blocks,
             block_size,
             num_blocks * self.bytes_per_block(config, dtype, block_size) / 2**20,
             "prepacked oneDNN" if self._pack else "plain",
+            self._describe_quantized(),
         )
 
     def _allocate_cache(self) -> None:
@@ -259,31 +308,49 @@ class ModelRunner:
             down=self._linear(mlp.down_proj),
         )
 
-    def _linear(self, *modules: nn.Linear) -> _Linear:
+    def _linear(self, *modules: nn.Linear) -> Linear:
         weight, bias = _fuse(list(modules)) if len(modules) > 1 else (modules[0].weight, modules[0].bias)
-        return _Linear(weight.detach(), None if bias is None else bias.detach(), self._pack)
+        bias = None if bias is None else bias.detach()
+        parts = [self._quantized.get(self._names.get(m, "")) for m in modules]
+        if all(part is not None for part in parts):
+            quantized = QuantLinear([p for p in parts if p is not None], bias, self.dtype)
+            if all(kernel_works(w) for w in quantized.weights):
+                return _SplitLinear(quantized, _Linear(weight.detach(), bias, self._pack))
+            logger.warning("no int8/int4 kernel for %s here; it runs dequantized", self._names.get(modules[0]))
+        return _Linear(weight.detach(), bias, self._pack)
+
+    def _describe_quantized(self) -> str:
+        names = ("qkv", "o_proj", "gate_up", "down")
+        linears = [self.lm_head] + [getattr(layer, name) for layer in self.layers for name in names]
+        kinds: dict[str, int] = {}
+        for linear in linears:
+            for kernel in linear.quantized.kernels if isinstance(linear, _SplitLinear) else []:
+                kinds[kernel.name] = kinds.get(kernel.name, 0) + 1
+        return "".join(f", {count} on {kind}" for kind, count in sorted(kinds.items()))
 
     @torch.inference_mode()
     def forward(self, chunks: list[SeqChunk]) -> Tensor:
         """Float32 logits [len(chunks), vocab] at the last token of each chunk; writes the chunks' KV."""
         if not chunks:
-            return torch.empty(0, self.lm_head.weight.shape[0], device=self.device)
+            return torch.empty(0, self.lm_head.out_features, device=self.device)
         step = self._prepare(chunks)
         x = F.embedding(step.input_ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, step)
         x = F.rms_norm(x.index_select(0, step.logit_rows), self.norm.shape, self.norm, self.eps)
-        return self.lm_head(x).float()
+        logits = self.lm_head(x, decode_rows=step.decode_rows)
+        return (logits if step.caller_order is None else logits.index_select(0, step.caller_order)).float()
 
     def _layer(self, index: int, layer: _Layer, x: Tensor, step: _Step) -> Tensor:
         h = F.rms_norm(x, layer.input_norm.shape, layer.input_norm, self.eps)
-        q, k, v = self._qkv(layer.qkv(h), layer, step)
+        rows = step.decode_rows
+        q, k, v = self._qkv(layer.qkv(h, decode_rows=rows), layer, step)
         self._k_slots[index].index_copy_(0, step.slots, k)
         self._v_slots[index].index_copy_(0, step.slots, v)
-        x = layer.o_proj(self._attention(index, q, k, v, step), residual=x)
+        x = layer.o_proj(self._attention(index, q, k, v, step), residual=x, decode_rows=rows)
         h = F.rms_norm(x, layer.post_norm.shape, layer.post_norm, self.eps)
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up, residual=x)
+        gate, up = layer.gate_up(h, decode_rows=rows).chunk(2, dim=-1)
+        return layer.down(F.silu(gate) * up, residual=x, decode_rows=rows)
 
     def _qkv(self, qkv: Tensor, layer: _Layer, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
         """Split the fused projection into q [T, H, D], k and v [T, KVH, D]; rotary on q and k at once."""
@@ -361,6 +428,8 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logit_rows = [0] * len(chunks)
+        internal = {chunk: position for position, chunk in enumerate(decode + prefill)}
+        order = [internal[i] for i in range(len(chunks))]
         bs = self.block_size
         for i in decode + prefill:
             chunk = chunks[i]
@@ -380,8 +449,10 @@ class ModelRunner:
             cos=cos.index_select(0, position_ids).unsqueeze(1),
             sin=sin.index_select(0, position_ids).unsqueeze(1),
             decode=self._prepare_decode([chunks[i] for i in decode]) if decode else [],
+            decode_rows=len(decode),
             prefills=self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode)),
-            logit_rows=self._tensor(logit_rows),
+            logit_rows=self._tensor([logit_rows[i] for i in decode + prefill]),
+            caller_order=None if order == list(range(len(chunks))) else self._tensor(order),
         )
 
     def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup]:

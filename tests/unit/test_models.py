@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker import models
+from worker import models, served_weights
 from worker.models import ModelLoadError, load_model, pick_device, pick_dtype
 
 
@@ -123,3 +123,24 @@ def test_forced_device_and_dtype() -> None:
 )
 def test_gguf_served_name_drops_the_quantization(file_name: str, name: str) -> None:
     assert models._gguf_name(Path(file_name)) == name
+
+
+def test_quantize_choices_decide_the_weights_and_the_label(cache_dir: Path) -> None:
+    """auto: the GGUF file's own 4/8-bit tensors; none: all dense; int8/int4: quantized at load. The card says so."""
+    native = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
+    assert native.card().quantization == "Q4_1" and len(native.quantized) == 30 * 7 + 1
+    assert {w.source for w in native.quantized.values()} == {"Q4_1", "Q8_0"}
+    [kept] = cache_dir.glob(f"*/{served_weights.KEPT_WEIGHTS}")  # decoded once, read back by later loads
+    again = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
+    for name, weight in native.quantized.items():
+        other = again.quantized[name]
+        assert (other.group_size, other.source) == (weight.group_size, weight.source)
+        for a, b in ((weight.codes, other.codes), (weight.scale, other.scale), (weight.zero, other.zero)):
+            assert (a is None and b is None) or torch.equal(a, b)
+    dense = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir, quantize="none")
+    assert dense.quantized == {} and dense.card().quantization == ""  # Ollama then shows the dtype
+    for kind in ("int8", "int4"):
+        loaded = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir, quantize=kind)
+        assert loaded.card().quantization == kind.upper() and len(loaded.quantized) == 30 * 7 + 1
+    with pytest.raises(ModelLoadError, match="unknown quantization 'int3'"):
+        load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir, quantize="int3")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import random
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,8 +11,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from worker import runner as runner_module
-from worker.models import LoadedModel, cpu_has_bf16, load_model
-from worker.runner import ModelRunner, SeqChunk, UnsupportedModel
+from worker.gguf_weights import read_gguf_weights
+from worker.models import LoadedModel, cpu_has_bf16, default_model_path
+from worker.quant import QuantWeight, quantize_model
+from worker.runner import ModelRunner, SeqChunk, UnsupportedModel, _SplitLinear
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 96
@@ -26,10 +27,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    # The same folder as test_models.py, so one session converts the GGUF file once.
-    cache_dir = Path(tmp_path_factory.getbasetemp()) / "tandem-cache"
-    return load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir)
+def loaded(loaded_fp32: LoadedModel) -> LoadedModel:
+    return loaded_fp32  # dense float32 (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -215,23 +214,41 @@ def test_bfloat16_runner_tracks_the_float32_model(loaded: LoadedModel, blocks: l
             assert ours.argmax() == theirs.argmax()
 
 
+# Where the CPU has no bf16 units, dtype auto serves fp32 and bf16 matmuls are emulated by other kernels.
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="no bf16 units")
+
+
+def quantized_weights(loaded: LoadedModel, kind: str) -> dict[str, QuantWeight]:
+    if kind == "dense":
+        return {}
+    if kind == "gguf":  # the shipped file's own Q4_1 (int4 kernel) and Q8_0 (int8 kernel) tensors
+        return read_gguf_weights(default_model_path(), loaded.model.config)
+    return quantize_model(loaded.model, kind)
+
+
 @pytest.mark.parametrize(
-    "dtype",
+    ("dtype", "kind"),
     [
-        torch.float32,
-        # Where the CPU has no bf16 units, dtype auto serves fp32 and bf16 matmuls are emulated by other kernels.
-        pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not cpu_has_bf16(), reason="no bf16 units")),
+        (torch.float32, "dense"),
+        pytest.param(torch.bfloat16, "dense", marks=needs_bf16),
+        (torch.float32, "gguf"),
+        (torch.bfloat16, "gguf"),
+        (torch.bfloat16, "int8"),
+        (torch.bfloat16, "int4"),
     ],
-    ids=["fp32", "bf16"],
+    ids=["fp32", "bf16", "fp32-gguf-q4_1", "bf16-gguf-q4_1", "bf16-int8", "bf16-int4"],
 )
-def test_same_logits_alone_and_among_any_neighbours(loaded: LoadedModel, dtype: torch.dtype) -> None:
+def test_same_logits_alone_and_among_any_neighbours(loaded: LoadedModel, dtype: torch.dtype, kind: str) -> None:
     """Bit for bit: greedy output must not depend on the batch, however the scheduler chunks and mixes it.
 
     Alone: the prompt in one chunk, then decode steps of one row. Together: the prompt in three chunks (the last
-    a single prompt token) beside other prompts and decoders of other lengths, then decodes beside them.
+    a single prompt token) beside other prompts and decoders of other lengths, then decodes beside them. For
+    each weight format: dense, and the int8/int4 kernels (GGUF native, `--quantize int8|int4`).
     """
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
-    runner = ModelRunner(model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS)
+    quantized = quantized_weights(loaded, kind)
+    runner = ModelRunner(model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS, quantized=quantized)
+    assert all(isinstance(linear, _SplitLinear) for linear in (runner.lm_head, runner.layers[0].qkv)) == bool(quantized)
     free = list(range(NUM_BLOCKS))
     ids, others = tokens(loaded, PROMPTS[0]), [tokens(loaded, text) for text in PROMPTS[1:]]
     follow = [5, 77, 1234]  # tokens fed back after the prompt, the same in both runs

@@ -1,0 +1,204 @@
+"""Weight-only int8 and int4 linear layers: integer codes packed once, multiplied directly by torch's CPU kernels."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+# int4 groups along the input dimension. 32 is GGUF's block (Q4_0, Q4_1, Q4_K's sub-blocks) and the smallest
+# group torch's int4 kernel takes; `--quantize int4` uses it too, for quality closest to Q4_1.
+INT4_GROUP = 32
+INT4_GROUPS = (32, 64, 128, 256)  # what `_weight_int4pack_mm_for_cpu` accepts
+# How many 16-wide K tiles torch's int4 packing interleaves: 2 was as fast as 4 or 8 in a noisy micro-benchmark.
+INT4_INNER_K_TILES = 2
+# Both kernels take bf16 activations and bf16 scales (fp32 activations fall to a scalar loop, 100x slower):
+# an fp32 runner casts its activations around them.
+KERNEL_DTYPE = torch.bfloat16
+
+
+@dataclass
+class QuantWeight:
+    """A linear weight [out, in] as integer codes and scales, before packing for a kernel.
+
+    int8 (group_size 0): w = codes * scale[row]; codes int8.
+    int4: w = (codes - 8) * scale[row, group] + zero[row, group]; codes uint8 holding 0..15, groups of
+    `group_size` along the input dimension. This is torch's int4 layout, and GGUF Q4_0/Q4_1/Q4_K, GPTQ, AWQ and
+    compressed-tensors int4 all map onto it exactly (up to the bf16 rounding of scales and zeros).
+    """
+
+    codes: Tensor
+    scale: Tensor  # float32, [out] or [out, in // group_size]
+    zero: Tensor | None = None  # float32 [out, in // group_size], int4 only
+    group_size: int = 0
+    source: str = ""  # where the codes came from ("Q4_1", "int8", "GPTQ", ...), for logs and the model card
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.group_size == 0 else 4
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight the codes stand for."""
+        if self.group_size == 0:
+            return self.codes.float() * self.scale[:, None]
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        assert self.zero is not None
+        return (self.codes.float() - 8) * scale + self.zero.repeat_interleave(self.group_size, dim=1)
+
+    def rows(self, index: Tensor) -> QuantWeight:
+        """The same weight with its output rows reordered (GGUF stores llama's q/k rows permuted)."""
+        zero = None if self.zero is None else self.zero[index]
+        return QuantWeight(self.codes[index], self.scale[index], zero, self.group_size, self.source)
+
+    @staticmethod
+    def cat(parts: list[QuantWeight]) -> QuantWeight:
+        """Stack weights along their output rows (q/k/v and gate/up fuse this way); all must be alike."""
+        first = parts[0]
+        if any(p.group_size != first.group_size or p.shape[1] != first.shape[1] for p in parts):
+            raise ValueError("fused weights differ in group size or input width")
+        zero = None if first.zero is None else torch.cat([p.zero for p in parts if p.zero is not None])
+        sources = sorted({p.source for p in parts})
+        return QuantWeight(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            zero,
+            first.group_size,
+            "+".join(sources),
+        )
+
+
+def quantize_int8(weight: Tensor, source: str = "int8") -> QuantWeight:
+    """Symmetric, one scale per output row (torchao's int8 weight-only). The scale is rounded to bf16 first,
+    so the codes are chosen for the scale the kernel really multiplies by."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).to(KERNEL_DTYPE).float()
+    codes = torch.round(weight / scale[:, None]).clamp_(-128, 127).to(torch.int8)
+    return QuantWeight(codes, scale, None, 0, source)
+
+
+def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP, source: str = "int4") -> QuantWeight:
+    """Asymmetric min/max per group of `group_size` inputs, in torch's (codes - 8) * scale + zero form."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"input width {in_features} is not a multiple of the int4 group {group_size}")
+    groups = weight.detach().float().view(out_features, -1, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp_min(1e-12).to(KERNEL_DTYPE).float()
+    zero = (low + 8 * scale).to(KERNEL_DTYPE).float()
+    codes = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+    return QuantWeight(codes.view(out_features, in_features), scale, zero, group_size, source)
+
+
+def quantize(weight: Tensor, kind: str) -> QuantWeight:
+    """`--quantize int8|int4` of one dense weight; a width int4 groups cannot split falls back to int8."""
+    if kind == "int4" and weight.shape[1] % INT4_GROUP == 0:
+        return quantize_int4(weight)
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"unknown quantization {kind!r}")
+    return quantize_int8(weight, source=kind)
+
+
+class Int8Kernel:
+    """x @ W.T through `torch._weight_int8pack_mm`: int8 weights, one bf16 scale per output row."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        self.codes = weight.codes.contiguous()
+        self.scale = weight.scale.to(KERNEL_DTYPE)
+        self.name = f"int8 ({weight.source})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch._weight_int8pack_mm(x, self.codes, self.scale)
+
+
+class Int4Kernel:
+    """x @ W.T through `torch._weight_int4pack_mm_for_cpu`: two codes a byte, a bf16 scale and zero per group."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        assert weight.zero is not None
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), INT4_INNER_K_TILES)
+        # [in / group, out, 2]: the kernel's layout of scales and zeros.
+        self.scales_zeros = torch.stack([weight.scale.t(), weight.zero.t()], dim=-1).to(KERNEL_DTYPE).contiguous()
+        self.group_size = weight.group_size
+        self.name = f"int4 g{weight.group_size} ({weight.source})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
+
+
+def _alike(a: QuantWeight, b: QuantWeight) -> bool:
+    return a.group_size == b.group_size and a.shape[1] == b.shape[1]
+
+
+class QuantLinear:
+    """The runner's `_Linear` interface over int8/int4 kernels: x @ W.T (+ bias) (+ residual).
+
+    `weights` are the parts of a fused projection (q, k, v): alike neighbours are stacked into one kernel call;
+    parts of different kinds (Q4_K_M keeps v in Q6_K beside q and k in Q4_K) run one call each.
+    Both kernels compute each output row on its own, in the same order whatever the number of rows (checked for
+    1-70 rows, and by tests/unit/test_runner.py's batch-invariance test per format), so they need no padding.
+    They are matrix-vector-like: at 1-4 rows they read 2-4x fewer weight bytes than bf16 and are faster; from ~16
+    rows up they unpack the weights again for every 4 rows and are slower than oneDNN's bf16 (bench/step.py).
+    """
+
+    def __init__(self, weights: list[QuantWeight], bias: Tensor | None, dtype: torch.dtype) -> None:
+        groups: list[list[QuantWeight]] = []
+        for weight in weights:
+            if groups and _alike(groups[-1][-1], weight):
+                groups[-1].append(weight)
+            else:
+                groups.append([weight])
+        self.weights = [QuantWeight.cat(group) if len(group) > 1 else group[0] for group in groups]
+        self.kernels = [Int8Kernel(w) if w.bits == 8 else Int4Kernel(w) for w in self.weights]
+        self.dtype, self.bias = dtype, bias
+        self.out_features = sum(w.shape[0] for w in self.weights)
+
+    def __call__(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        x = x.to(KERNEL_DTYPE)
+        outs = [kernel(x) for kernel in self.kernels]
+        out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)).to(self.dtype)
+        if self.bias is not None:
+            out = out.add_(self.bias)
+        return out if residual is None else out.add_(residual)
+
+
+def kernel_works(weight: QuantWeight) -> bool:
+    """Whether torch's kernel takes this shape here (CPU builds without them, odd widths): tried on zeros."""
+    out_features, in_features = weight.shape
+    try:
+        codes = torch.zeros(out_features, in_features, dtype=weight.codes.dtype)
+        zero = None if weight.zero is None else torch.zeros_like(weight.zero)
+        probe = QuantWeight(codes, torch.ones_like(weight.scale), zero, weight.group_size)
+        out = QuantLinear([probe], None, KERNEL_DTYPE)(torch.ones(2, in_features, dtype=KERNEL_DTYPE))
+        return out.shape == (2, out_features)
+    except (RuntimeError, AttributeError) as exc:
+        logger.info("no int%d kernel for %dx%d here (%s)", weight.bits, out_features, in_features, str(exc)[:120])
+        return False
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def quantize_model(model: torch.nn.Module, kind: str) -> dict[str, QuantWeight]:
+    """`--quantize int8|int4`: every decoder projection by module name, for the runner's kernels.
+
+    The lm_head is int8 in both modes, as llama.cpp's Q4 files keep their output layer at 6-8 bits: it is the
+    layer whose error lands directly on the logits.
+    """
+    weights = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            weights[name] = quantize(module.weight, kind)
+        elif name == "lm_head":
+            weights[name] = quantize_int8(module.weight, source=kind)
+    return weights
