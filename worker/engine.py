@@ -176,7 +176,9 @@ class Engine:
 
     def fail_everything(self, message: str) -> list[Outgoing]:
         """Before the worker exits on a broken state: every request it holds ends with a Failed."""
-        events = [(key[0], Failed(id=key[1], code="internal", message=message)) for key in self.preparing]
+        events: list[Outgoing] = [
+            (key[0], Failed(id=key[1], code="internal", message=message)) for key in self.preparing
+        ]
         self.preparing.clear()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             events.append(self._fail(seq, "internal", message))
