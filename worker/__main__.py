@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=args.max_model_len,
         prefix_caching=args.prefix_caching,
     )
-    server = WorkerServer(Engine(loaded, config), args.bind, curve, peer_timeout=args.gateway_timeout)
+    try:
+        engine = Engine(loaded, config)
+    except (ModelLoadError, ValueError) as exc:  # no runner computes the model, or no room for its KV cache
+        print(f"tandem worker: {exc}", file=sys.stderr)
+        return 2
+    server = WorkerServer(engine, args.bind, curve, peer_timeout=args.gateway_timeout)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     logger.info(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ class SeqChunk:
     # its attention rounds differently from the decode path's, and a prompt's logits must not depend on how
     # the scheduler happened to split it, or greedy output would depend on the batch it shared.
     prompt: bool = False
+    key: Hashable = None  # the sequence's identity, for a runner that keeps state per sequence (fallback_serial.py)
 
 
 class _Linear:
