@@ -120,6 +120,10 @@ class FallbackRunner:
         unknown = set(self.layer_types or ()) - set(LAYER_TYPES)
         if unknown:
             raise ProbeFailed(f"layer types {sorted(unknown)} have no mask here")
+        rope = _length_dependent_rope(model)
+        if rope:
+            # The rotary module rescales by the longest position it is given: a step's neighbours would change it.
+            raise ProbeFailed(f"its rope scaling ({rope}) depends on the sequence's length, which a step would mix")
         _use_maskable_attention(model)
         parameters = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -153,43 +157,37 @@ class FallbackRunner:
         return (logits if self._logits_to_keep else logits.index_select(0, step.last_rows)).float()
 
     def _prepare(self, chunks: list[SeqChunk]) -> _Step:
+        """The step's index tensors, built on the CPU (many small ops per chunk) and moved to the device at once."""
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[Tensor] = []
-        read: list[Tensor] = []
-        write: list[Tensor] = []
-        row_seq: list[Tensor] = []
-        col_seq: list[Tensor] = []
-        col_pos: list[Tensor] = []
         last_rows: list[int] = []
-        offsets = torch.arange(bs, device=self.device)
+        positions, write, read, row_seq, col_seq, col_pos = [], [], [], [], [], []
+        offsets = torch.arange(bs)
         for index, chunk in enumerate(chunks):
             if not chunk.token_ids:
                 raise ValueError("a chunk has no tokens")
             end = chunk.start_pos + len(chunk.token_ids)
             if len(chunk.block_table) * bs < end:
                 raise ValueError(f"block table of chunk {index} covers {len(chunk.block_table) * bs} < {end} positions")
-            table = torch.tensor(chunk.block_table, dtype=torch.long, device=self.device)
-            slots = (table[:, None] * bs + offsets).flatten()[:end]
-            context = torch.arange(end, device=self.device)
+            slots = (torch.tensor(chunk.block_table)[:, None] * bs + offsets).flatten()[:end]
+            context = torch.arange(end)
             input_ids += chunk.token_ids
+            last_rows.append(len(input_ids) - 1)
             positions.append(context[chunk.start_pos :])
             write.append(slots[chunk.start_pos :])
             read.append(slots)
-            row_seq.append(torch.full((len(chunk.token_ids),), index, device=self.device))
-            col_seq.append(torch.full((end,), index, device=self.device))
+            row_seq.append(torch.full((len(chunk.token_ids),), index))
+            col_seq.append(torch.full((end,), index))
             col_pos.append(context)
-            last_rows.append(len(input_ids) - 1)
-        rows_pos, cols_pos = torch.cat(positions), torch.cat(col_pos)
+        on_device = [torch.cat(parts).to(self.device) for parts in (positions, write, read, row_seq, col_seq, col_pos)]
+        rows_pos, write_slots, read_slots, rows_seq, cols_seq, cols_pos = on_device
         # Each query sees its own sequence's keys up to its position (and within the window, where one slides).
-        visible = (torch.cat(row_seq)[:, None] == torch.cat(col_seq)[None, :]) & (
-            cols_pos[None, :] <= rows_pos[:, None]
-        )
+        visible = (rows_seq[:, None] == cols_seq[None, :]) & (cols_pos[None, :] <= rows_pos[:, None])
         return _Step(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
             positions=rows_pos,
-            write=torch.cat(write),
-            read=torch.cat(read),
+            write=write_slots,
+            read=read_slots,
             mask=self._masks(visible, rows_pos, cols_pos),
             last_rows=torch.tensor(last_rows, dtype=torch.long, device=self.device),
         )
@@ -264,6 +262,16 @@ def _groups(chunks: list[SeqChunk]) -> list[list[SeqChunk]]:
             groups.append([chunk])
             queries, keys = length, context
     return groups
+
+
+def _length_dependent_rope(model: PreTrainedModel) -> str | None:
+    """The rope type of a rotary module that recomputes its frequencies from the positions it sees, if any."""
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        for kind in rope_type.values() if isinstance(rope_type, dict) else [rope_type]:
+            if isinstance(kind, str) and ("dynamic" in kind or kind == "longrope"):
+                return kind
+    return None
 
 
 def _use_maskable_attention(model: PreTrainedModel) -> None:

@@ -47,12 +47,14 @@ def choose_runner(loaded: LoadedModel, kv_budget: int, block_size: int) -> Chose
     """The runner for `loaded`, with as many KV blocks as `kv_budget` bytes hold (at least 2, else ValueError)."""
     model, config = loaded.model, loaded.model.config
     try:
-        _check_supported(model)
-    except UnsupportedModel as why:
+        _check_supported(model)  # first: the block size below reads config fields only the Llama family has
+        bytes_per_block = ModelRunner.bytes_per_block(config, loaded.dtype, block_size)
+        num_blocks = _num_blocks(kv_budget, bytes_per_block)
+        runner = ModelRunner(
+            model, device=loaded.device, dtype=loaded.dtype, num_blocks=num_blocks, block_size=block_size
+        )
+    except UnsupportedModel as why:  # raised before the runner touches the model (and its fused weights are views)
         return _fallback(loaded, kv_budget, block_size, str(why))
-    bytes_per_block = ModelRunner.bytes_per_block(config, loaded.dtype, block_size)
-    num_blocks = _num_blocks(kv_budget, bytes_per_block)
-    runner = ModelRunner(model, device=loaded.device, dtype=loaded.dtype, num_blocks=num_blocks, block_size=block_size)
     logger.info("%s (%s): native runner", loaded.name, config.model_type)
     return ChosenRunner(runner, "native", bytes_per_block, loaded.context_length, prefix_caching=True)
 
@@ -71,8 +73,8 @@ def _fallback(loaded: LoadedModel, kv_budget: int, block_size: int, why: str) ->
         num_blocks = _num_blocks(kv_budget, bytes_per_block)
         runner = FallbackRunner(model, device=device, num_blocks=num_blocks, block_size=block_size, shapes=shapes)
         logger.info(
-            "%s (%s): fallback path, transformers' own forward pass, every sequence of a step in one batch over the "
-            "paged KV cache (slower than the native runner, which does not run it: %s)",
+            "%s (%s): fallback path: transformers' own forward pass, all sequences of a step in one batch over the "
+            "paged KV cache (the native runner, faster, does not run it: %s)",
             loaded.name,
             model_type,
             why,
@@ -88,8 +90,8 @@ def _fallback(loaded: LoadedModel, kv_budget: int, block_size: int, why: str) ->
     bytes_per_block = bytes_per_token * block_size
     serial = SerialRunner(model, device=device, num_blocks=_num_blocks(kv_budget, bytes_per_block))
     logger.info(
-        "%s (%s): fallback path, transformers' own forward pass one sequence at a time, prefix caching off (slowest: "
-        "the native runner does not run it: %s; the paged cache does not fit its forward: %s)",
+        "%s (%s): fallback path, serial: transformers' own forward pass, one sequence at a time, prefix caching off "
+        "(the native runner does not run it: %s; the paged cache does not fit its forward: %s)",
         loaded.name,
         model_type,
         why,
