@@ -15,8 +15,8 @@ pytestmark = pytest.mark.e2e
 
 # The architecture, and what the worker's log says about the path it takes.
 PATHS = {
-    "gemma3_text": "fallback path, transformers' own forward pass, every sequence of a step in one batch",
-    "opt": "fallback path, transformers' own forward pass one sequence at a time, prefix caching off",
+    "gemma3_text": "fallback path: transformers' own forward pass, all sequences of a step in one batch",
+    "opt": "fallback path, serial: transformers' own forward pass, one sequence at a time, prefix caching off",
 }
 
 

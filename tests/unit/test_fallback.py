@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
 from test_engine import PEER, Client, chat
 from tiny_model import fallback_loaded, tiny_loaded
 
@@ -164,3 +165,21 @@ def test_a_model_no_path_reproduces_is_refused_in_one_line(tokenizer: Any, monke
     message = str(refused.value)
     assert "cannot serve model type 'opt'" in message and "no kernel for this" in message
     assert "\n" not in message
+
+
+def test_a_rope_that_rescales_with_the_length_is_served_one_sequence_at_a_time(tokenizer: Any) -> None:
+    """Phi-3 128k's longrope picks its factors by the longest position it sees: in a shared step, the neighbours'."""
+    config = transformers.Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        pad_token_id=0,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ProbeFailed, match="longrope"):
+        FallbackRunner.probe(model, torch.device("cpu"))
