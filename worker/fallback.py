@@ -98,8 +98,6 @@ class PagedKV:
 class FallbackRunner:
     """Runs one engine step through the model's own forward: all chunks in one flat batch over the paged cache."""
 
-    prefix_caching = True  # the KV lives in the blocks the scheduler shares, so a shared block is a real hit
-
     def __init__(
         self,
         model: PreTrainedModel,
@@ -114,9 +112,11 @@ class FallbackRunner:
         config: Any = model.config
         self.dtype: torch.dtype = model.dtype
         # Which mask each layer kind gets: transformers' own convention (its continuous batching's, too): the
-        # config's layer_types, else every layer slides where the config sets a window.
+        # config's layer_types, else every layer slides where the config sets a window (and does not switch it off).
         self.layer_types: list[str] | None = getattr(config, "layer_types", None)
         self.window: int | None = getattr(config, "sliding_window", None)
+        if self.layer_types is None and getattr(config, "use_sliding_window", True) is False:
+            self.window = None
         unknown = set(self.layer_types or ()) - set(LAYER_TYPES)
         if unknown:
             raise ProbeFailed(f"layer types {sorted(unknown)} have no mask here")
@@ -139,9 +139,6 @@ class FallbackRunner:
         if not chunks:
             return torch.empty(0, self.model.config.vocab_size, device=self.device)
         return torch.cat([self._forward(group) for group in _groups(chunks)])
-
-    def release(self, key: object) -> None:
-        """Nothing to do: a sequence's KV is its blocks, which the block manager frees."""
 
     @torch.inference_mode()
     def _forward(self, chunks: list[SeqChunk]) -> Tensor:

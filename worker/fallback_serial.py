@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 class SerialRunner:
     """Runs one engine step as one forward per chunk, each sequence on its own cache."""
 
-    prefix_caching = False
-
     def __init__(self, model: PreTrainedModel, *, device: torch.device, num_blocks: int) -> None:
         self.model, self.device, self.num_blocks = model, device, num_blocks
         parameters = inspect.signature(model.forward).parameters
@@ -64,7 +62,9 @@ class SerialRunner:
             attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
             **kwargs,
         )
-        returned = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+        returned = getattr(output, "cache", None)
+        if returned is None:  # not `or`: a cache object can be falsy (its __len__ counts layers)
+            returned = getattr(output, "past_key_values", None)
         if returned is None:
             raise ValueError("the model returned no cache")
         self.caches[chunk.key] = returned

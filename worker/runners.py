@@ -79,6 +79,7 @@ def _fallback(loaded: LoadedModel, kv_budget: int, block_size: int, why: str) ->
             model_type,
             why,
         )
+        # The KV lives in the blocks the scheduler shares, so a shared block is a real hit.
         return ChosenRunner(runner, "fallback", bytes_per_block, longest, prefix_caching=True)
     try:
         bytes_per_token = SerialRunner.probe(model, device)
