@@ -26,7 +26,8 @@ from worker.kv_blocks import BlockManager
 from worker.memory import MemoryGauge
 from worker.models import LoadedModel
 from worker.output import Output, RequestState, done
-from worker.runner import ModelRunner, SeqChunk
+from worker.runner import SeqChunk
+from worker.runners import choose_runner
 from worker.sampler import Sampler
 from worker.scheduler import QueueFull, ScheduledChunk, Scheduler
 from worker.sequence import Prepared, RequestKey, Sequence
@@ -59,22 +60,17 @@ class Engine:
         self.loaded = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
-        self.context_length = min(loaded.context_length, config.max_model_len or loaded.context_length)
+        chosen = choose_runner(loaded, self._kv_budget(), config.block_size)  # native, else a fallback: it logs which
+        self.runner = chosen.runner
+        self.context_length = min(chosen.context_length, config.max_model_len or chosen.context_length)
         self.card = msgspec.structs.replace(loaded.card(), context_length=self.context_length)
-        num_blocks = self._kv_budget() // ModelRunner.bytes_per_block(
-            loaded.model.config, loaded.dtype, config.block_size
+        num_blocks = self.runner.num_blocks
+        prefix_caching = config.prefix_caching and chosen.prefix_caching
+        if config.prefix_caching and not prefix_caching:
+            logger.info("prefix caching off: the %s runner keeps no KV that sequences can share", chosen.path)
+        self.blocks = BlockManager(
+            num_blocks, config.block_size, prefix_caching=prefix_caching, on_release=chosen.on_release
         )
-        if num_blocks < 2:
-            raise ValueError("the KV cache budget holds fewer than 2 blocks; raise --kv-cache-bytes")
-        self.runner = ModelRunner(
-            loaded.model,
-            device=loaded.device,
-            dtype=loaded.dtype,
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            quantized=loaded.quantized,
-        )
-        self.blocks = BlockManager(num_blocks, config.block_size, prefix_caching=config.prefix_caching)
         self.scheduler = Scheduler(
             self.blocks,
             max_running=config.max_running,
@@ -98,7 +94,7 @@ class Engine:
             num_blocks,
             config.block_size,
             num_blocks * config.block_size,
-            num_blocks * ModelRunner.bytes_per_block(loaded.model.config, loaded.dtype, config.block_size) / 2**20,
+            num_blocks * chosen.bytes_per_block / 2**20,
         )
 
     def _kv_budget(self) -> int:
@@ -187,7 +183,9 @@ class Engine:
 
     def fail_everything(self, message: str) -> list[Outgoing]:
         """Before the worker exits on a broken state: every request it holds ends with a Failed."""
-        events = [(key[0], Failed(id=key[1], code="internal", message=message)) for key in self.preparing]
+        events: list[Outgoing] = [
+            (key[0], Failed(id=key[1], code="internal", message=message)) for key in self.preparing
+        ]
         self.preparing.clear()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
             events.append(self._fail(seq, "internal", message))
@@ -229,6 +227,7 @@ class Engine:
                     c.seq.num_computed,
                     c.seq.block_table,
                     prompt=c.seq.num_computed < c.seq.num_prompt_tokens,
+                    key=c.seq.key,
                 )
                 for c in chunks
             ]

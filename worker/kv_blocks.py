@@ -9,6 +9,7 @@ their contents and hash until they are handed out again, least recently freed fi
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from worker.sequence import Sequence
@@ -23,10 +24,20 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        prefix_caching: bool = True,
+        on_release: Callable[[Sequence], None] | None = None,
+    ) -> None:
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.prefix_caching = prefix_caching  # off: every prompt is computed in full (for comparison runs)
+        # Told whenever a sequence's KV is gone (finished, aborted, preempted): a runner that keeps its own state
+        # per sequence (worker/fallback_serial.py) drops it then.
+        self.on_release = on_release
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
         self.by_hash: dict[int, int] = {}
@@ -103,6 +114,8 @@ class BlockManager:
 
     def release(self, seq: Sequence) -> None:
         """Give back the sequence's blocks; their contents stay reusable until handed out again."""
+        if self.on_release is not None:
+            self.on_release(seq)
         for block_id in reversed(seq.block_table):  # the tail is the least likely to be shared: reuse it first
             block = self.blocks[block_id]
             block.ref_count -= 1

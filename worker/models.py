@@ -251,11 +251,12 @@ def _load_prequantized(
     return model, tokenizer, {"format": method, "quantization": label, "quantized": weights}
 
 
-def context_length(config: PretrainedConfig) -> int:
-    """The longest context the runner serves exactly: a sliding window, where set, caps the full attention."""
+def context_length(config: PretrainedConfig, *, cap_at_sliding_window: bool = True) -> int:
+    """The longest context the native runner serves exactly: a sliding window, where set, caps its full attention
+    (the fallback runners mask the window as the model does: `cap_at_sliding_window=False`)."""
     length = getattr(config, "max_position_embeddings", None) or 2048
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
+    if cap_at_sliding_window and window and getattr(config, "use_sliding_window", True):
         length = min(length, window)
     return int(length)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ class SeqChunk:
     # its attention rounds differently from the decode path's, and a prompt's logits must not depend on how
     # the scheduler happened to split it, or greedy output would depend on the batch it shared.
     prompt: bool = False
+    key: Hashable = None  # the sequence's identity, for a runner that keeps state per sequence (fallback_serial.py)
 
 
 class _Linear:
@@ -203,7 +205,7 @@ def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _check_supported(model: PreTrainedModel) -> None:
+def check_supported(model: PreTrainedModel) -> None:
     config: Any = model.config
     if config.model_type not in SUPPORTED_TYPES:
         raise UnsupportedModel(
@@ -238,7 +240,7 @@ class ModelRunner:
         """`quantized`: integer weights by module name (`models.LoadedModel.quantized`); those layers run on int8/int4
         kernels instead of the module's dense weight, and a fused projection is quantized only if all its parts are.
         """
-        _check_supported(model)
+        check_supported(model)
         config: Any = model.config
         decoder: Any = model.base_model  # the LlamaModel (or Qwen2Model, ...) inside the ForCausalLM wrapper
         if device.type == "cuda" and device.index is None:  # so that it compares equal to the weights' device

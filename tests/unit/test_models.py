@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from tiny_model import fallback_loaded
 
 from worker import models, served_weights
 from worker.models import ModelLoadError, load_model, pick_device, pick_dtype
@@ -85,6 +87,23 @@ def test_missing_model_fails_with_one_line(spec: str, message: str, tmp_path: Pa
 
 def test_folder_without_config_fails_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no config.json") as caught:
+        load_model(str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_folder_of_any_causal_architecture_loads(tokenizer: Any, tmp_path: Path) -> None:
+    """Loading does not pick architectures: the engine decides which runner computes it (worker/runners.py)."""
+    fallback_loaded(tokenizer, "gpt2").model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path)
+    assert loaded.model.config.model_type == "gpt2" and loaded.context_length == 512
+
+
+def test_a_model_that_is_not_a_causal_lm_fails_with_one_line(tmp_path: Path) -> None:
+    import transformers
+
+    transformers.T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, d_kv=8).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="cannot load model") as caught:
         load_model(str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path)
     assert "\n" not in str(caught.value)
 

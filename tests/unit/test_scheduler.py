@@ -85,7 +85,8 @@ def test_abort_frees_blocks_at_once_waiting_or_running() -> None:
 
 
 def test_out_of_blocks_preempts_the_newest_and_it_resumes_later() -> None:
-    blocks = BlockManager(4, 4)  # 16 tokens in all
+    released: list[Sequence] = []  # what a runner with per-sequence state is told to drop
+    blocks = BlockManager(4, 4, on_release=released.append)  # 16 tokens in all
     scheduler = Scheduler(blocks, max_running=4, max_waiting=4, max_prefill_tokens=64)
     old, new = make_seq(1, list(range(7))), make_seq(2, list(range(50, 57)))
     scheduler.add(old)
@@ -97,7 +98,9 @@ def test_out_of_blocks_preempts_the_newest_and_it_resumes_later() -> None:
     assert [c.seq for c in chunks] == [old]
     assert new.status is Status.WAITING and scheduler.waiting[0] is new and scheduler.num_preemptions == 1
     assert new.num_output_tokens == 2  # its output survives and is recomputed, not lost
+    assert new in released and old not in released  # its KV is gone: a per-sequence cache must go with it
     scheduler.finish(old)
+    assert old in released
     chunks = run_step(scheduler)
     assert chunks[0].seq is new and new.status is Status.RUNNING
 
