@@ -97,7 +97,8 @@ async def one_round(url: str, model: str, round_: int) -> dict[str, Any]:
         quiet_start = time.perf_counter()
         await asyncio.sleep(2.0)
         arrived = time.perf_counter()
-        long_prompt = " ".join(WORDS[i % len(WORDS)] for i in range(LONG_PROMPT_WORDS))
+        # A different first word each round: the prefix cache must not serve the prompt of an earlier round.
+        long_prompt = " ".join(WORDS[(i + 7 * round_) % len(WORDS)] for i in range(LONG_PROMPT_WORDS))
         long_body = {"model": model, "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 1}
         schema_body = {
             "model": model,
