@@ -60,11 +60,8 @@ class Adapters(Harness):
 
 
 def test_the_base_is_the_model_the_adapter_names_else_the_first_chat_model(tmp_path: Path) -> None:
-    entries = [
-        entry("a"),
-        entry("b"),
-        Entry("e", "/e", entry("e").card.__class__("e", 256, capabilities=["embedding"])),
-    ]
+    embedding = Entry("e", "/e", ModelCard("e", 256, capabilities=["embedding"]))
+    entries = [embedding, entry("a"), entry("b")]  # an embedding model is never a base
     assert adapter_entry("x", adapter_folder(tmp_path / "x", "org/B"), entries).card.parent == "b"
     assert adapter_entry("y", adapter_folder(tmp_path / "y", "/models/b"), entries).card.parent == "b"  # its folder
     assert adapter_entry("z", adapter_folder(tmp_path / "z", "unrelated/model"), entries).card.parent == "a"
