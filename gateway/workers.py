@@ -205,14 +205,16 @@ class WorkerPool:
         return list(seen.values())
 
     def find_model(self, name: str) -> ModelCard:
-        """The card of a model: the serving worker's (it knows the context it serves), else the registry's."""
+        """The card of a model: the serving worker's (it knows the context it serves), else the registry's. With a
+        registry, only what it lists: a LoRA adapter just unloaded may linger in its worker's last heartbeat."""
+        listed = self.registry.card(name) if self.registry is not None else None
         for worker in self.workers:
             if worker.info is not None:
                 for card in worker.info.models:
                     if model_key(card.name) == model_key(name):
                         return card
-        if self.registry is not None:
-            return self.registry.card(name)
+        if listed is not None:
+            return listed
         if not self.is_ready:
             raise Unavailable("No model worker is ready yet; try again shortly", headers={"Retry-After": "1"})
         raise ModelNotFound(name)
