@@ -122,6 +122,13 @@ def _read_config(folder: Path) -> dict[str, Any]:
     for field, what in refused.items():
         if config.get(field):
             raise AdapterError(f"{what} are not served ({field}: true)")
+    for field, what in {
+        "alora_invocation_tokens": "activated LoRA (aLoRA)",
+        "layer_replication": "replicated layers",
+        "arrow_config": "Arrow routing",
+    }.items():
+        if config.get(field):
+            raise AdapterError(f"{what} is not served ({field} is set)")
     if config.get("bias", "none") != "none":
         raise AdapterError(f"trained biases are not served (bias: {config.get('bias')!r}; only 'none')")
     if config.get("modules_to_save"):
