@@ -16,6 +16,7 @@ terminal (see cli/).
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -34,11 +35,12 @@ from prometheus_client import multiprocess
 from common import logs
 from common.curve import keygen
 from supervisor import memory
+from supervisor.adapters import adapter_entry
 from supervisor.config import LaunchConfig, flag_value, parse_args
 from supervisor.control import ControlServer
 from supervisor.processes import Child, WorkerProcess
 from supervisor.registry import Budget, ModelManager
-from worker.catalog import Entry, discover
+from worker.catalog import CatalogError, Entry, discover
 
 logger = logging.getLogger("launcher")
 
@@ -66,7 +68,7 @@ class Launcher:
             max_restarts=config.max_restarts,
             restart_window=config.restart_window,
         )
-        self.manager = ModelManager(entries, budget, self._spawn)
+        self.manager = ModelManager(entries, budget, self._spawn, adapters=self._adapters(config.loras, entries))
         self.control = ControlServer(self.manager, f"ipc://{self.run_dir}/control.sock", self.context)
         self.listener: socket.socket | None = None
         self.metrics_dir: Path | None = None
@@ -80,6 +82,23 @@ class Launcher:
 
     # -- workers ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _adapters(specs: tuple[str, ...], entries: list[Entry]) -> list[Entry]:
+        """`--lora NAME=PATH`, each listed as a model on its base; one that cannot be served is logged, not listed."""
+        adapters: list[Entry] = []
+        for spec in specs:
+            name, sep, path = spec.partition("=")
+            taken = {e.name.lower() for e in [*entries, *adapters]}
+            try:
+                if not sep or not name.strip() or not path:
+                    raise CatalogError("expected NAME=PATH")
+                if name.strip().lower() in taken:
+                    raise CatalogError(f"the name {name.strip()} is taken")
+                adapters.append(adapter_entry(name.strip(), path, entries))
+            except CatalogError as exc:
+                logger.warning("not serving LoRA adapter %s: %s", spec, exc)
+        return adapters
+
     def _spawn(self, entry: Entry) -> list[WorkerProcess]:
         """The worker processes of one model, one per replica, each on an ipc:// address of its own (the same
         for every load of that model, so the metrics' `worker` label stays bounded)."""
@@ -89,7 +108,8 @@ class Launcher:
         for i in range(self.config.num_workers):
             address = f"ipc://{self.run_dir}/{slug}-{i}.sock"
             name = f"worker {entry.name}" + (f" #{i}" if self.config.num_workers > 1 else "")
-            workers.append(WorkerProcess(Child(name, self._worker_command(address, entry)), address, self.context))
+            command_for = functools.partial(self._worker_command, address, entry)
+            workers.append(WorkerProcess(Child(name, []), address, self.context, command_for=command_for))
         return workers
 
     def _worker_command(self, address: str, entry: Entry) -> list[str]:
@@ -99,6 +119,8 @@ class Launcher:
             if not flag_value(self.config.worker_args, "--kv-cache-fraction"):
                 # Each model's KV cache takes its share of the GPU, so the next model still finds room.
                 command += ["--kv-cache-fraction", f"{0.85 / self.config.max_loaded_models:.3f}"]
+        for adapter in self.manager.adapters.of(entry.name):  # as they are now: a reload serves the later ones too
+            command += ["--lora", f"{adapter.name}={adapter.spec}"]
         return command + ["--log-format", self.config.log_format, *self.config.worker_args]
 
     def _estimate(self, entry: Entry) -> int:
@@ -139,6 +161,8 @@ class Launcher:
         for entry in self.entries:
             kind = "embedding" if entry.is_embedding else "chat"
             logger.info("model %s (%s): %s", entry.name, kind, entry.spec)
+        for adapter in self.manager.adapters.entries.values():
+            logger.info("model %s (LoRA adapter on %s): %s", adapter.name, adapter.card.parent, adapter.spec)
         keep = "forever" if self.config.keep_alive < 0 else f"{self.config.keep_alive:g}s"
         logger.info("up to %d model(s) loaded at once; keep_alive %s", self.config.max_loaded_models, keep)
 

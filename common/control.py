@@ -94,7 +94,24 @@ class Unload(Struct, tag=True):
     model: str
 
 
-AnswerCode = Literal["ok", "not_found", "busy", "failed"]
+class AddAdapter(Struct, tag=True, omit_defaults=True):
+    """Gateway → supervisor: serve a LoRA adapter (a PEFT folder) as the model `name` (vLLM's load_lora_adapter);
+    answered once its base model's workers have read it (if the base is loaded), or with why not."""
+
+    id: int
+    name: str
+    path: str
+    base: str | None = None  # the base model; None: the one the adapter names, else the first chat model
+
+
+class RemoveAdapter(Struct, tag=True):
+    """Gateway → supervisor: stop serving a LoRA adapter (requests running with it finish)."""
+
+    id: int
+    name: str
+
+
+AnswerCode = Literal["ok", "not_found", "busy", "failed", "invalid"]  # invalid: the request cannot be served as sent
 
 
 class Answer(Struct, tag=True, omit_defaults=True):
@@ -106,7 +123,7 @@ class Answer(Struct, tag=True, omit_defaults=True):
     version: int = 0  # the Registry version that shows the outcome; the gateway waits until it has applied it
 
 
-ToSupervisor = Beat | Use | Load | Unload
+ToSupervisor = Beat | Use | Load | Unload | AddAdapter | RemoveAdapter
 FromSupervisor = Registry | Answer
 
 _encoder = msgspec.msgpack.Encoder()

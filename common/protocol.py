@@ -2,7 +2,8 @@
 
 Gateway → worker: Generate, Embed, Abort, Info.  Worker → gateway: Delta, Done, Embeddings, Failed, WorkerInfo.
 The worker always streams a generation; a non-streaming HTTP answer is the gateway folding the deltas. An Embed is
-answered by one Embeddings (or Failed).
+answered by one Embeddings (or Failed). The supervisor also sends LoadAdapter and UnloadAdapter (LoRA adapters at run
+time), answered by Ack or Failed.
 A request id is unique per gateway connection; the worker keys its state by (peer, id).
 """
 
@@ -89,6 +90,9 @@ class Generate(Struct, tag=True, omit_defaults=True):
     think: bool | None = None  # None: the template's default
     template_kwargs: dict[str, Any] = {}  # extra chat-template variables (chat_template_kwargs)
     add_generation_prompt: bool = True
+    # A LoRA adapter of `model` to run the request with (the request named the adapter; the pool sends it to its
+    # base model's worker). None: the base model.
+    adapter: str | None = None
 
 
 EmbedInput = str | list[int]  # a text, or token ids of the model's own vocabulary (special tokens included)
@@ -112,6 +116,27 @@ class Abort(Struct, tag=True):
 
 class Info(Struct, tag=True):
     """Ask the worker to describe itself; also the gateway's heartbeat."""
+
+
+class LoadAdapter(Struct, tag=True):
+    """Register a LoRA adapter (a PEFT folder) under `name`; answered with Ack once it is read, or Failed."""
+
+    id: int
+    name: str
+    path: str
+
+
+class UnloadAdapter(Struct, tag=True):
+    """Forget a LoRA adapter: new requests cannot name it; those running finish with it. Answered with Ack or Failed."""
+
+    id: int
+    name: str
+
+
+class Ack(Struct, tag=True):
+    """A LoadAdapter or UnloadAdapter is done."""
+
+    id: int
 
 
 class TokenLogprob(Struct, array_like=True):
@@ -220,6 +245,7 @@ class ModelCard(Struct, omit_defaults=True):
     source: str = ""  # what the worker loaded: a .gguf file, a folder or a hub id
     defaults: GenerationDefaults = GenerationDefaults()
     embedding_length: int = 0  # an encoder's vector size (Ollama's model_info `<arch>.embedding_length`)
+    parent: str = ""  # a LoRA adapter's base model (requests naming the adapter run on the base's worker)
 
 
 class WorkerInfo(Struct, tag=True, omit_defaults=True):
@@ -242,8 +268,8 @@ class WorkerInfo(Struct, tag=True, omit_defaults=True):
     memory_total_bytes: int = 0  # the device's memory, or the host's RAM on CPU
 
 
-ToWorker = Generate | Embed | Abort | Info
-ToGateway = Delta | Done | Embeddings | Failed | WorkerInfo
+ToWorker = Generate | Embed | Abort | Info | LoadAdapter | UnloadAdapter
+ToGateway = Delta | Done | Embeddings | Failed | WorkerInfo | Ack
 
 _encoder = msgspec.msgpack.Encoder()
 to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

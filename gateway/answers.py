@@ -74,6 +74,7 @@ class Model(Doc):
     owned_by: str
     max_model_len: int
     capabilities: list[str]  # tandem's: "completion", "tools", "thinking", "embedding"
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's)
 
 
 class EmbeddingItem(Doc):

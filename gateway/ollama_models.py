@@ -44,7 +44,7 @@ def parameter_size(num_parameters: int) -> str:
 def details(card: ModelCard) -> dict[str, Any]:
     family = card.family or card.architecture
     return {
-        "parent_model": "",
+        "parent_model": ollama_name(card.parent) if card.parent else "",  # a LoRA adapter's base
         "format": card.format,
         "family": family,
         "families": [family] if family else None,

@@ -347,6 +347,7 @@ def model_object(card: ModelCard, created: int) -> dict[str, Any]:
         "owned_by": "tandem",
         "max_model_len": card.context_length,
         "capabilities": card.capabilities or ["completion"],  # tandem's: a chat UI leaves embedding models out
+        "parent": card.parent or None,  # vLLM's: a LoRA adapter's base model
     }
 
 

@@ -19,9 +19,21 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from common.control import Answer, Beat, Load, Placement, Registry, Unload, Use, encode, from_supervisor_decoder
+from common.control import (
+    AddAdapter,
+    Answer,
+    Beat,
+    Load,
+    Placement,
+    Registry,
+    RemoveAdapter,
+    Unload,
+    Use,
+    encode,
+    from_supervisor_decoder,
+)
 from common.protocol import ModelCard
-from gateway.errors import GatewayError, InternalError, ModelNotFound, Unavailable
+from gateway.errors import BadRequest, GatewayError, InternalError, ModelNotFound, NotFound, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +123,14 @@ class RegistryClient:
         """Until the model's workers have exited (after the requests it still serves)."""
         await self._request(Unload(id=next(self._ids), model=name))
 
-    async def _request(self, message: Load | Unload) -> None:
+    async def add_adapter(self, name: str, path: str, base: str | None) -> None:
+        """Until the adapter is listed (its base's workers have read it, if the base is loaded), or why not."""
+        await self._request(AddAdapter(id=next(self._ids), name=name, path=path, base=base))
+
+    async def remove_adapter(self, name: str) -> None:
+        await self._request(RemoveAdapter(id=next(self._ids), name=name))
+
+    async def _request(self, message: Load | Unload | AddAdapter | RemoveAdapter) -> None:
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._answers[message.id] = future
         try:
@@ -120,6 +139,8 @@ class RegistryClient:
         finally:
             self._answers.pop(message.id, None)
         if answer.code != "ok":
+            if isinstance(message, AddAdapter | RemoveAdapter):
+                raise _error_for(answer, message.name, adapter=True)
             raise _error_for(answer, message.model)
         while self.version < answer.version:  # the Registry that shows the outcome follows the answer
             await self._applied.wait()
@@ -129,7 +150,7 @@ class RegistryClient:
     def beat_now(self) -> None:
         self._send(Beat(seen=self.version, catalog=self.catalog_version, busy=dict(self.busy)))
 
-    def _send(self, message: Beat | Use | Load | Unload) -> None:
+    def _send(self, message: Beat | Use | Load | Unload | AddAdapter | RemoveAdapter) -> None:
         with contextlib.suppress(zmq.ZMQError):  # the supervisor is not there (yet): the next beat asks again
             self.socket.send(encode(message), flags=zmq.NOBLOCK)
 
@@ -164,10 +185,12 @@ class RegistryClient:
         self._applied = asyncio.Event()
 
 
-def _error_for(answer: Answer, model: str) -> GatewayError:
+def _error_for(answer: Answer, model: str, adapter: bool = False) -> GatewayError:
     match answer.code:
         case "not_found":
-            return ModelNotFound(model)
+            return NotFound(answer.message) if adapter else ModelNotFound(model)
+        case "invalid":
+            return BadRequest(answer.message)
         case "busy":
             return Unavailable(answer.message, headers={"Retry-After": "5"})
         case _:

@@ -205,14 +205,16 @@ class WorkerPool:
         return list(seen.values())
 
     def find_model(self, name: str) -> ModelCard:
-        """The card of a model: the serving worker's (it knows the context it serves), else the registry's."""
+        """The card of a model: the serving worker's (it knows the context it serves), else the registry's. With a
+        registry, only what it lists: a LoRA adapter just unloaded may linger in its worker's last heartbeat."""
+        listed = self.registry.card(name) if self.registry is not None else None
         for worker in self.workers:
             if worker.info is not None:
                 for card in worker.info.models:
                     if model_key(card.name) == model_key(name):
                         return card
-        if self.registry is not None:
-            return self.registry.card(name)
+        if listed is not None:
+            return listed
         if not self.is_ready:
             raise Unavailable("No model worker is ready yet; try again shortly", headers={"Retry-After": "1"})
         raise ModelNotFound(name)
@@ -238,27 +240,43 @@ class WorkerPool:
         return sum(worker.num_in_flight for worker in self.workers)
 
     async def load(self, model: str, keep_alive: float | None = None) -> float:
-        """Load `model` (an empty Ollama request); the seconds waited. Fixed workers are always loaded."""
+        """Load `model` (an empty Ollama request); the seconds waited. Fixed workers are always loaded. A LoRA
+        adapter is loaded by loading its base model."""
+        base = self.find_model(model).parent or model
         if self.registry is None:
-            self.find_model(model)
             return 0.0
         started = time.monotonic()
-        await self.registry.load(model, keep_alive)
+        await self.registry.load(base, keep_alive)
         return time.monotonic() - started
 
     async def unload(self, model: str) -> None:
-        """Unload `model` now, once its requests are done (`keep_alive: 0` with nothing to say)."""
+        """Unload `model` now, once its requests are done (`keep_alive: 0` with nothing to say); for a LoRA adapter,
+        its base model (the adapter stays listed, and loads with its base again)."""
+        base = self.find_model(model).parent or model  # fixed workers stay: the request is answered as Ollama would
         if self.registry is not None:
-            await self.registry.unload(model)
-        else:
-            self.find_model(model)  # fixed workers stay: the request is answered as Ollama would
+            await self.registry.unload(base)
+
+    async def add_adapter(self, name: str, path: str, base: str | None = None) -> None:
+        """Serve a LoRA adapter as the model `name` (POST /v1/load_lora_adapter)."""
+        if self.registry is None:
+            raise BadRequest("LoRA adapters load at run time through the launcher; fixed workers take --lora")
+        await self.registry.add_adapter(name, path, base)
+
+    async def remove_adapter(self, name: str) -> None:
+        if self.registry is None:
+            raise BadRequest("LoRA adapters unload at run time through the launcher; fixed workers take --lora")
+        await self.registry.remove_adapter(name)
 
     async def generate(self, request: Generate, keep_alive: float | None = None) -> AsyncIterator[Delta | Done]:
         """Send one request and yield its events until Done. Raises GatewayError on failure.
 
         Leaving the loop early (client gone, error, cancellation) sends Abort to the worker. With a registry, a
-        model that is not loaded is loaded first (the wait counts as the request's load_duration).
+        model that is not loaded is loaded first (the wait counts as the request's load_duration). A request for a
+        LoRA adapter goes to its base model's worker, and holds the base loaded while it runs.
         """
+        card = self.find_model(request.model)
+        if card.parent:
+            request = msgspec.structs.replace(request, model=card.parent, adapter=card.name)
         self._hold(request.model)
         try:
             worker, waited = await self._acquire(request.model, keep_alive)
@@ -277,7 +295,7 @@ class WorkerPool:
             raise BadRequest(f"A value in the request is out of range: {exc}") from None
         queue = RequestBuffer(max_bytes=self.buffer_bytes)
         worker.queues[request.id] = queue
-        meter = self.metrics.meter(request.model)
+        meter = self.metrics.meter(request.adapter or request.model)
         finished = False
         try:
             try:

@@ -32,6 +32,7 @@ class LaunchConfig:
     keep_alive: float = 300.0  # seconds a model stays loaded after its last request; negative: forever
     max_loaded_models: int = 3
     builtin_embedding: bool = True
+    loras: tuple[str, ...] = ()  # --lora NAME=PATH: LoRA adapters, each served as a model on its base's worker
 
 
 def flag_value(args: tuple[str, ...], flag: str) -> str | None:
@@ -80,6 +81,15 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         "--no-embedding-model", action="store_true", help="do not list the built-in embedding model (all-MiniLM-L6-v2)"
     )
     models.add_argument(
+        "--lora",
+        action="append",
+        default=[m for m in env("TANDEM_LORA", "").split(",") if m],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (a PEFT folder) as the model NAME, on the chat model its adapter_config.json names "
+        "(base_model_name_or_path), else on the first chat model listed (repeatable; worker flag --max-loras: how "
+        "many are in memory at once)",
+    )
+    models.add_argument(
         "--keep-alive",
         type=duration,
         default=duration(env("TANDEM_KEEP_ALIVE") or env("OLLAMA_KEEP_ALIVE") or "5m"),
@@ -121,4 +131,5 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         keep_alive=args.keep_alive,
         max_loaded_models=max_loaded,
         builtin_embedding=not args.no_embedding_model,
+        loras=tuple(args.lora),
     )

@@ -1,8 +1,8 @@
 """The supervisor's control socket: a ZeroMQ ROUTER on an ipc:// address the launcher hands to its gateways.
 
-Each `turn()` takes in what the gateways sent (Beat, Use, Load, Unload), lets the registry decide (`tick`), sends
-the answers, and publishes the Registry to every gateway when it changed. Answers to the launcher's own requests
-(peer b"": the model loaded at start) are kept in `own`.
+Each `turn()` takes in what the gateways sent (Beat, Use, Load, Unload, AddAdapter, RemoveAdapter), lets the registry
+decide (`tick`), sends the answers, and publishes the Registry to every gateway when it changed. Answers to the
+launcher's own requests (peer b"": the model loaded at start) are kept in `own`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import msgspec
 import zmq
 
-from common.control import Answer, Beat, Load, Unload, Use, encode, to_supervisor_decoder
+from common.control import AddAdapter, Answer, Beat, Load, RemoveAdapter, Unload, Use, encode, to_supervisor_decoder
 from supervisor.registry import ModelManager
 
 logger = logging.getLogger("launcher")
@@ -70,6 +70,10 @@ class ControlServer:
                     self.manager.load((peer, request_id), model, keep_alive)
                 case Unload(id=request_id, model=model):
                     self.manager.unload((peer, request_id), model)
+                case AddAdapter(id=request_id, name=name, path=path, base=base):
+                    self.manager.add_adapter((peer, request_id), name, path, base)
+                case RemoveAdapter(id=request_id, name=name):
+                    self.manager.remove_adapter((peer, request_id), name)
 
     def _send(self, peer: bytes, frame: bytes) -> None:
         try:

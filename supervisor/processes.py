@@ -10,12 +10,13 @@ import logging
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq
 
-from common.protocol import Info, WorkerInfo, encode, to_gateway_decoder
+from common.protocol import Ack, Failed, Info, LoadAdapter, UnloadAdapter, WorkerInfo, encode, to_gateway_decoder
 from supervisor.memory import process_memory
 
 logger = logging.getLogger("launcher")
@@ -85,6 +86,10 @@ class WorkerProcess:
     started_at: float = 0.0  # monotonic, of the current start
     restart_at: float | None = None  # monotonic: restart scheduled after a crash
     stopping_since: float | None = None  # monotonic: SIGTERM sent (an unload)
+    # Builds the command at each start, so a restart or a reload serves what the model has by then (its adapters).
+    command_for: Callable[[], list[str]] | None = None
+    replies: dict[int, Ack | Failed] = field(default_factory=dict)  # answers to messages sent with expect_reply
+    _awaiting: set[int] = field(default_factory=set)
     _socket: zmq.Socket[bytes] | None = None
     _last_ping: float = 0.0
     _last_note: float = 0.0
@@ -107,6 +112,8 @@ class WorkerProcess:
         return self.child.exit_code is not None
 
     def start(self) -> None:
+        if self.command_for is not None:
+            self.child.command = self.command_for()
         self.child.start()
         self.started_at = self._last_note = time.monotonic()
         self.restart_at, self.answered = None, False
@@ -128,9 +135,25 @@ class WorkerProcess:
             message = to_gateway_decoder.decode(socket.recv())
             if isinstance(message, WorkerInfo):
                 self.info, self.answered = message, True
+            elif isinstance(message, Ack | Failed) and message.id in self._awaiting:
+                self._awaiting.discard(message.id)
+                self.replies[message.id] = message
         if not self.answered and now - self._last_note >= 5:
             self._last_note = now
             logger.info("%s: loading the model… %.0fs", self.name, now - self.started_at)
+
+    def send(self, message: LoadAdapter | UnloadAdapter, expect_reply: bool = False) -> bool:
+        """Send a message to the worker now; False if it cannot take it (not connected). Its answer, if expected,
+        appears in `replies` after a later `ping()`."""
+        if self._socket is None:
+            return False
+        try:
+            self._socket.send(encode(message), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        if expect_reply:
+            self._awaiting.add(message.id)
+        return True
 
     def stop(self) -> None:
         """SIGTERM now; `poll_stop()` kills it if it has not exited within STOP_TIMEOUT."""

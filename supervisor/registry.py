@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from common.control import Answer, AnswerCode, Beat, Placement, Registry
+from supervisor.adapters import AdapterBook
 from supervisor.processes import WorkerProcess, back_off
 from worker.catalog import Entry
 
@@ -87,8 +88,10 @@ class ModelManager:
         spawn: Callable[[Entry], list[WorkerProcess]],
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        adapters: list[Entry] | None = None,
     ) -> None:
         self.entries = {key(entry.name): entry for entry in entries}
+        self.adapters = AdapterBook(self, adapters or [])  # LoRA adapters: models whose requests run on their base
         self.budget = budget
         self.spawn = spawn
         self.clock, self.monotonic = clock, monotonic
@@ -104,6 +107,7 @@ class ModelManager:
     # -- what gateways ask ------------------------------------------------------------------
 
     def load(self, waiter: Waiter, name: str, keep_alive: float | None) -> None:
+        name = self.adapters.base_of(name) or name  # an adapter is loaded by loading its base
         entry = self.entries.get(key(name))
         if entry is None:
             return self._answer(waiter, "not_found", f"model '{name}' not found")
@@ -133,6 +137,7 @@ class ModelManager:
             model.waiters.append(waiter)
 
     def unload(self, waiter: Waiter, name: str) -> None:
+        name = self.adapters.base_of(name) or name
         if key(name) not in self.entries:
             return self._answer(waiter, "not_found", f"model '{name}' not found")
         model = self.models.get(key(name))
@@ -145,7 +150,7 @@ class ModelManager:
 
     def use(self, name: str, keep_alive: float | None) -> None:
         """A request starts: it sets how long the model stays after it (Ollama: the latest request's keep_alive)."""
-        model = self.models.get(key(name))
+        model = self.models.get(key(self.adapters.base_of(name) or name))
         if model is None:
             return
         value = self.budget.keep_alive if keep_alive is None else keep_alive
@@ -153,6 +158,12 @@ class ModelManager:
         if value != model.keep_alive:
             model.keep_alive = value
             self._bump()
+
+    def add_adapter(self, waiter: Waiter, name: str, path: str, base: str | None) -> None:
+        self.adapters.add(waiter, name, path, base)
+
+    def remove_adapter(self, waiter: Waiter, name: str) -> None:
+        self.adapters.remove(waiter, name)
 
     def beat(self, peer: bytes, beat: Beat) -> bool:
         """True when the gateway's view is stale (it gets the Registry)."""
@@ -184,6 +195,7 @@ class ModelManager:
                     self._poll_ready(model, now, mono)
                 case "unloading":
                     self._poll_unloading(model)
+        self.adapters.tick()
         if mono - self._sized_at >= SIZE_EVERY:
             self._sized_at = mono
             for model in self.models.values():
@@ -191,7 +203,7 @@ class ModelManager:
                     self._measure(model)
 
     def state(self, with_catalog: bool) -> Registry:
-        models = [entry.card for entry in self.entries.values()] if with_catalog else None
+        models = [entry.card for entry in self.entries.values()] + self.adapters.cards() if with_catalog else None
         placements = [self._placement(model) for model in self.models.values()]
         return Registry(self.version, self.catalog_version, placements, models)
 

@@ -88,6 +88,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "min_p, repeat_penalty, num_predict, stop); over the model's generation_config.json (repeatable)",
     )
     parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (a PEFT folder: adapter_config.json, adapter_model.safetensors) as the model NAME, "
+        "on top of this model (repeatable)",
+    )
+    parser.add_argument(
+        "--max-loras",
+        type=int,
+        default=defaults.max_loras,
+        help="LoRA adapters in memory at once; more can be registered, the least recently used idle one makes room",
+    )
+    parser.add_argument(
         "--gateway-timeout",
         type=float,
         default=DEFAULT_PEER_TIMEOUT,
@@ -175,8 +189,17 @@ def build_engine(args: argparse.Namespace) -> Engine | Embedder:
         kv_cache_fraction=args.kv_cache_fraction,
         max_model_len=args.max_model_len,
         prefix_caching=args.prefix_caching,
+        loras=tuple(_lora_spec(spec) for spec in args.lora),
+        max_loras=args.max_loras,
     )
     return Engine(loaded, config)
+
+
+def _lora_spec(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name.strip() or not path:
+        raise ValueError(f"--lora {spec!r}: expected NAME=PATH")
+    return name.strip(), path
 
 
 if __name__ == "__main__":

@@ -21,8 +21,22 @@ from typing import Any
 import msgspec
 import torch
 
-from common.protocol import Done, Embed, Embeddings, Failed, Generate, ModelCard, Timings, ToGateway, Usage, WorkerInfo
+from common.protocol import (
+    Done,
+    Embed,
+    Embeddings,
+    Failed,
+    Generate,
+    LoadAdapter,
+    ModelCard,
+    Timings,
+    ToGateway,
+    UnloadAdapter,
+    Usage,
+    WorkerInfo,
+)
 from worker.catalog import folder_card
+from worker.lora_slots import AdapterRead
 from worker.models import ModelLoadError, pick_device, pick_dtype
 from worker.sequence import Prepared
 
@@ -138,6 +152,16 @@ class Embedder:
 
     def admit(self, prepared: Prepared) -> list[Outgoing]:
         return []  # no intake thread: add() answers at once
+
+    def load_adapter(self, peer: bytes, request: LoadAdapter, ready: Callable[[AdapterRead], None]) -> list[Outgoing]:
+        message = f'"{self.card.name}" takes no LoRA adapters: it is an embedding model'
+        return [(peer, Failed(id=request.id, code="bad_request", message=message))]
+
+    def adapter_read(self, peer: bytes, read: AdapterRead) -> list[Outgoing]:
+        return []  # load_adapter answers at once
+
+    def unload_adapter(self, peer: bytes, request: UnloadAdapter) -> list[Outgoing]:
+        return [(peer, Failed(id=request.id, code="not_found", message=request.name))]
 
     def embed(self, peer: bytes, request: Embed) -> list[Outgoing]:
         key = (peer, request.id)

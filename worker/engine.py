@@ -19,10 +19,24 @@ from typing import Any
 
 import msgspec
 
-from common.protocol import Done, Embed, ErrorCode, Failed, Generate, ToGateway, Usage, WorkerInfo
+from common.protocol import (
+    Ack,
+    Done,
+    Embed,
+    ErrorCode,
+    Failed,
+    Generate,
+    LoadAdapter,
+    ToGateway,
+    UnloadAdapter,
+    Usage,
+    WorkerInfo,
+)
+from worker.adapters import Adapter, AdapterError, Adapters, NoFreeSlot
 from worker.grammar import Grammars
 from worker.intake import Intake, RequestError
 from worker.kv_blocks import BlockManager
+from worker.lora_slots import AdapterRead
 from worker.memory import MemoryGauge
 from worker.models import LoadedModel
 from worker.output import Output, RequestState, done
@@ -53,6 +67,8 @@ class EngineConfig:
     kv_cache_fraction: float = 0.85  # on a GPU: of the memory free after loading the weights
     max_model_len: int | None = None  # cap on context length (default: the model's)
     prefix_caching: bool = True  # reuse the KV of prompt prefixes seen before
+    loras: tuple[tuple[str, str], ...] = ()  # LoRA adapters served from the start: (name, PEFT folder)
+    max_loras: int = 8  # LoRA adapters in memory at once (more may be registered: they load on use)
 
 
 class Engine:
@@ -81,6 +97,8 @@ class Engine:
         self.grammars = Grammars(self.tokenizer, loaded.model.config.vocab_size, loaded.eos_token_ids)
         self.intake = Intake(self.tokenizer, self.card, self.grammars, self.sampler)
         self.output = Output(self.tokenizer, loaded.eos_token_ids, self.context_length)
+        self.adapters = Adapters(self.runner, loaded.model.config, self.card, config.max_loras)
+        self.adapters.register_at_start(list(config.loras))
         # One intake thread: requests are taken in, and so admitted, in the order they arrived.
         self._intake_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
         self.preparing: dict[RequestKey, float] = {}  # at intake, with their arrival time
@@ -118,17 +136,30 @@ class Engine:
         key = (peer, request.id)
         if key in self.preparing or self.scheduler.find(key) is not None:
             return [(peer, Failed(id=request.id, code="bad_request", message=f"request id {request.id} is in flight"))]
+        adapter = None
+        if request.adapter is not None:
+            adapter = self.adapters.find(request.adapter)
+            if adapter is None or adapter.error:
+                code: ErrorCode = "not_found" if adapter is None else "bad_request"
+                message = request.adapter if adapter is None else f"LoRA adapter '{adapter.name}': {adapter.error}"
+                return [(peer, Failed(id=request.id, code=code, message=message))]
         try:
-            self._intake_thread.submit(self._prepare, key, request, ready)
+            self._intake_thread.submit(self._prepare, key, request, adapter, ready)
         except RuntimeError:  # shutting down
             return [(peer, Failed(id=request.id, code="unavailable", message="the worker is shutting down"))]
         self.preparing[key] = time.monotonic()
         return []
 
-    def _prepare(self, key: RequestKey, request: Generate, ready: Callable[[Prepared], None]) -> None:
+    def _prepare(
+        self, key: RequestKey, request: Generate, adapter: Adapter | None, ready: Callable[[Prepared], None]
+    ) -> None:
         """On the intake thread: whatever happens, exactly one Prepared goes back."""
         try:
-            prepared = Prepared(key, seq=self.intake.prepare(key, request))
+            seq = self.intake.prepare(key, request)
+            lora = None if adapter is None else (adapter, self.adapters.weights_for(adapter))
+            prepared = Prepared(key, seq=seq, adapter=lora)
+        except AdapterError as exc:
+            prepared = Prepared(key, error_code="bad_request", error=f"LoRA adapter '{request.adapter}': {exc}")
         except RequestError as exc:
             prepared = Prepared(key, error_code=exc.code, error=exc.message)
         except Exception as exc:  # a bug or a tokenizer failure: this request fails, nothing else
@@ -146,6 +177,13 @@ class Engine:
             code: Any = prepared.error_code
             return [(peer, Failed(id=request_id, code=code, message=prepared.error))]
         prepared.seq.arrived_at = arrived
+        if prepared.adapter is not None:
+            try:
+                adapter, weights = prepared.adapter
+                self.adapters.install(prepared.seq, adapter, weights, in_use=self._adapters_in_use())
+            except (NoFreeSlot, AdapterError) as exc:
+                code = "busy" if isinstance(exc, NoFreeSlot) else "bad_request"
+                return [(peer, Failed(id=request_id, code=code, message=str(exc)))]
         try:
             self.scheduler.add(prepared.seq)
         except QueueFull:
@@ -228,6 +266,7 @@ class Engine:
                     c.seq.block_table,
                     prompt=c.seq.num_computed < c.seq.num_prompt_tokens,
                     key=c.seq.key,
+                    adapter=c.seq.adapter_slot,
                 )
                 for c in chunks
             ]
@@ -252,15 +291,56 @@ class Engine:
         return [self._fail(seq, "internal", message) for seq in seqs]
 
     def _fail(self, seq: Sequence, code: ErrorCode, message: str) -> Outgoing:
-        self.scheduler.finish(seq)
+        self._end(seq)
         logger.warning("request %d failed: %s", seq.key[1], message)
         return (seq.key[0], Failed(id=seq.key[1], code=code, message=message))
 
     def _finish(self, seq: Sequence) -> Outgoing:
-        self.scheduler.finish(seq)
+        self._end(seq)
         # Ollama's load_duration is the load a request waited for: the model's load on a cold start, then ~0.
         self._unreported_load, load = 0.0, self._unreported_load
         return (seq.key[0], done(seq, load))
+
+    def _end(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        if seq.adapter_id and self.adapters.slots.has_stale:  # an unloaded adapter's last request: free its memory
+            self.adapters.reclaim(self._adapters_in_use())
+
+    # -- LoRA adapters at run time ------------------------------------------------------------
+
+    def load_adapter(self, peer: bytes, request: LoadAdapter, ready: Callable[[AdapterRead], None]) -> list[Outgoing]:
+        """Read the adapter on the intake thread (never on the step loop); `adapter_read` registers it."""
+        try:
+            self._intake_thread.submit(self._read_adapter, request, ready)
+        except RuntimeError:
+            return [(peer, Failed(id=request.id, code="unavailable", message="the worker is shutting down"))]
+        return []
+
+    def _read_adapter(self, request: LoadAdapter, ready: Callable[[AdapterRead], None]) -> None:
+        try:
+            read = AdapterRead(request, loaded=self.adapters.read(request.name, request.path))
+        except AdapterError as exc:
+            read = AdapterRead(request, error=str(exc))
+        except Exception as exc:  # a bug, or torch refusing the tensors: this load fails, nothing else
+            logger.exception("reading LoRA adapter %s failed", request.name)
+            read = AdapterRead(request, error=f"the worker could not read the adapter: {exc}")
+        ready(read)
+
+    def adapter_read(self, peer: bytes, read: AdapterRead) -> list[Outgoing]:
+        request: LoadAdapter = read.request
+        if read.error:
+            return [(peer, Failed(id=request.id, code="bad_request", message=read.error))]
+        files, weights = read.loaded
+        self.adapters.add(request.name, request.path, files, weights, in_use=self._adapters_in_use())
+        return [(peer, Ack(id=request.id))]
+
+    def unload_adapter(self, peer: bytes, request: UnloadAdapter) -> list[Outgoing]:
+        if self.adapters.remove(request.name, self._adapters_in_use()) is None:
+            return [(peer, Failed(id=request.id, code="not_found", message=request.name))]
+        return [(peer, Ack(id=request.id))]
+
+    def _adapters_in_use(self) -> set[int]:
+        return {seq.adapter_id for seq in (*self.scheduler.running, *self.scheduler.waiting) if seq.adapter_id}
 
     # -- self-description -------------------------------------------------------------------
 
@@ -270,7 +350,7 @@ class Engine:
         return WorkerInfo(
             instance=self.instance,
             pid=os.getpid(),
-            models=[self.card],
+            models=[self.card, *self.adapters.cards()],
             device=str(self.loaded.device),
             started_at=self.started_at,
             max_running=self.config.max_running,

@@ -3,7 +3,8 @@
 A block holds `block_size` consecutive tokens of one sequence. Once full, a block is registered under
 the hash of its tokens and of everything before it, so a later prompt that starts the same way
 (the system prompt, the earlier turns of a chat) reuses it instead of recomputing it. Freed blocks keep
-their contents and hash until they are handed out again, least recently freed first.
+their contents and hash until they are handed out again, least recently freed first. A sequence with a LoRA
+adapter starts its chain from the adapter's identity (`Sequence.cache_root`): its KV is not the base model's.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class BlockManager:
         At least one token is left uncomputed: the model must run on it to produce the next logits.
         """
         assert not seq.block_table and seq.num_computed == 0
-        parent = 0
+        parent = seq.cache_root
         max_full = (seq.num_tokens - 1) // self.block_size if self.prefix_caching else 0
         for index in range(max_full):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
@@ -101,7 +102,7 @@ class BlockManager:
         if first == last or not self.prefix_caching:
             return
         assert len(seq.block_hashes) == first
-        parent = seq.block_hashes[-1] if first > 0 else 0
+        parent = seq.block_hashes[-1] if first > 0 else seq.cache_root
         for index in range(first, last):
             tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
             key = hash((parent, tokens))

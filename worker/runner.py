@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker.lora import DOWN, GATE_UP, O_PROJ, QKV, LoraGroup, LoraWeights, add_lora
 from worker.quant import QuantLinear, QuantWeight, kernel_works
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class SeqChunk:
     # the scheduler happened to split it, or greedy output would depend on the batch it shared.
     prompt: bool = False
     key: Hashable = None  # the sequence's identity, for a runner that keeps state per sequence (fallback_serial.py)
+    adapter: int = 0  # LoRA slot (ModelRunner.loras) whose delta its rows get; 0: none, the base model
 
 
 class _Linear:
@@ -180,6 +182,7 @@ class _Step:
     logit_rows: Tensor  # row of each chunk's last token: decode chunks first, then prefill chunks
     decode_rows: int  # tokens of decode chunks: the first rows of the batch (and of logit_rows)
     caller_order: Tensor | None  # logit_rows' position of each chunk in the caller's order; None if the same
+    lora: list[LoraGroup]  # rows that use a LoRA adapter, by adapter; empty when every row is the base model's
 
 
 def _fuse(modules: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -266,6 +269,8 @@ class ModelRunner:
         self._inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
         self._rope_scaling = float(rotary.attention_scaling)
         self._cos = self._sin = torch.empty(0, self.head_dim, device=device, dtype=dtype)
+        # LoRA adapters in memory by slot, slot 0 meaning none; the engine fills and empties them (worker/adapters.py).
+        self.loras: list[LoraWeights | None] = [None]
         self._allocate_cache()
         logger.info(
             "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers%s",
@@ -346,13 +351,19 @@ class ModelRunner:
     def _layer(self, index: int, layer: _Layer, x: Tensor, step: _Step) -> Tensor:
         h = F.rms_norm(x, layer.input_norm.shape, layer.input_norm, self.eps)
         rows = step.decode_rows
-        q, k, v = self._qkv(layer.qkv(h, decode_rows=rows), layer, step)
+        q, k, v = self._qkv(self._lora(layer.qkv(h, decode_rows=rows), h, step, index, QKV), layer, step)
         self._k_slots[index].index_copy_(0, step.slots, k)
         self._v_slots[index].index_copy_(0, step.slots, v)
-        x = layer.o_proj(self._attention(index, q, k, v, step), residual=x, decode_rows=rows)
+        attended = self._attention(index, q, k, v, step)
+        x = self._lora(layer.o_proj(attended, residual=x, decode_rows=rows), attended, step, index, O_PROJ)
         h = F.rms_norm(x, layer.post_norm.shape, layer.post_norm, self.eps)
-        gate, up = layer.gate_up(h, decode_rows=rows).chunk(2, dim=-1)
-        return layer.down(F.silu(gate) * up, residual=x, decode_rows=rows)
+        gate, up = self._lora(layer.gate_up(h, decode_rows=rows), h, step, index, GATE_UP).chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        return self._lora(layer.down(act, residual=x, decode_rows=rows), act, step, index, DOWN)
+
+    def _lora(self, out: Tensor, x: Tensor, step: _Step, index: int, kind: int) -> Tensor:
+        """The base linear's output plus the LoRA deltas of the rows that have an adapter (worker/lora.py)."""
+        return add_lora(out, x, step.lora, index, kind, MIN_MATMUL_ROWS) if step.lora else out
 
     def _qkv(self, qkv: Tensor, layer: _Layer, step: _Step) -> tuple[Tensor, Tensor, Tensor]:
         """Split the fused projection into q [T, H, D], k and v [T, KVH, D]; rotary on q and k at once."""
@@ -429,6 +440,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        adapter_rows: dict[int, list[int]] = {}
         logit_rows = [0] * len(chunks)
         internal = {chunk: position for position, chunk in enumerate(decode + prefill)}
         order = [internal[i] for i in range(len(chunks))]
@@ -439,6 +451,9 @@ class ModelRunner:
             if len(chunk.block_table) * bs < end:
                 raise ValueError(f"block table of chunk {i} covers {len(chunk.block_table) * bs} < {end} positions")
             table = chunk.block_table
+            if chunk.adapter:
+                rows = range(len(input_ids), len(input_ids) + len(chunk.token_ids))
+                adapter_rows.setdefault(chunk.adapter, []).extend(rows)
             input_ids += chunk.token_ids
             positions += range(chunk.start_pos, end)
             slots += [table[pos // bs] * bs + pos % bs for pos in range(chunk.start_pos, end)]
@@ -455,7 +470,17 @@ class ModelRunner:
             prefills=self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode)),
             logit_rows=self._tensor([logit_rows[i] for i in decode + prefill]),
             caller_order=None if order == list(range(len(chunks))) else self._tensor(order),
+            lora=self._lora_groups(adapter_rows, len(input_ids)),
         )
+
+    def _lora_groups(self, adapter_rows: dict[int, list[int]], num_rows: int) -> list[LoraGroup]:
+        groups = []
+        for slot, rows in sorted(adapter_rows.items()):
+            weights = self.loras[slot] if 0 < slot < len(self.loras) else None
+            if weights is None:
+                raise ValueError(f"a chunk names LoRA slot {slot}, which holds no adapter")
+            groups.append(LoraGroup(weights, None if len(rows) == num_rows else self._tensor(rows)))
+        return groups
 
     def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup]:
         contexts = [chunk.start_pos + 1 for chunk in chunks]

@@ -32,6 +32,13 @@ class Sequence:
     scheduled_at: float | None = None
     first_token_at: float | None = None
     state: Any = None  # the engine's per-request state (sampling, detokenizer); opaque here
+    adapter_id: int = 0  # the LoRA adapter it runs with (worker/lora_slots.py); 0: the base model
+    adapter_slot: int = 0  # where the runner finds that adapter's weights
+
+    @property
+    def cache_root(self) -> int:
+        """Where its prefix-cache hash chain starts: KV computed under one adapter is not KV of another."""
+        return hash(("lora", self.adapter_id)) if self.adapter_id else 0
 
     @property
     def num_tokens(self) -> int:
@@ -63,3 +70,4 @@ class Prepared:
     seq: Sequence | None = None
     error_code: str = ""
     error: str = ""
+    adapter: Any = None  # (worker/lora_slots.Adapter, its weights if intake read them) for a LoRA request

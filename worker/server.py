@@ -29,7 +29,8 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from common.curve import ServerCurve
-from common.protocol import Abort, Embed, Failed, Generate, Info, encode, to_worker_decoder
+from common.protocol import Abort, Embed, Failed, Generate, Info, LoadAdapter, UnloadAdapter, encode, to_worker_decoder
+from worker.lora_slots import AdapterRead
 from worker.sequence import Prepared
 
 if TYPE_CHECKING:  # the engines import torch; this module stays light (tests serve a scripted engine)
@@ -51,7 +52,7 @@ class PeerGone:
     reason: str
 
 
-Inbound = tuple[bytes, Generate | Embed | Abort | PeerGone | Prepared]
+Inbound = tuple[bytes, Generate | Embed | Abort | PeerGone | Prepared | LoadAdapter | UnloadAdapter | AdapterRead]
 
 
 class WorkerServer:
@@ -138,13 +139,19 @@ class WorkerServer:
                     self._send(outbox, self.engine.abort(peer, request_id))
                 case PeerGone(reason=reason):
                     self._send(outbox, self.engine.abort_peer(peer, reason))
+                case LoadAdapter():
+                    self._send(outbox, self.engine.load_adapter(peer, message, functools.partial(self._ready, peer)))
+                case AdapterRead():
+                    self._send(outbox, self.engine.adapter_read(peer, message))
+                case UnloadAdapter():
+                    self._send(outbox, self.engine.unload_adapter(peer, message))
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 break
         self.info = encode(self.engine.info())
 
-    def _ready(self, peer: bytes, prepared: Prepared) -> None:
+    def _ready(self, peer: bytes, prepared: Prepared | AdapterRead) -> None:
         """Called on the intake thread: back to the engine loop, through the queue everything else takes."""
         self.inbox.put((peer, prepared))
 

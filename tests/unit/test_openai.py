@@ -762,6 +762,7 @@ async def test_models_list_and_retrieve() -> None:
                 "owned_by": "tandem",
                 "max_model_len": 8192,
                 "capabilities": CARD.capabilities or ["completion"],
+                "parent": None,
             }
         ],
     }

@@ -47,19 +47,19 @@ class HandWorker:
         self.socket.bind(address)
         self.alive = True
         self.peer = b""
+        self.models = [CARD]  # what it describes itself as serving, at every heartbeat
         self.generates: list[Generate] = []
         self.aborts: list[int] = []
         self.got_generate = asyncio.Event()
         self.task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
-        info = encode(WorkerInfo(instance="x", pid=1, models=[CARD], device="cpu", started_at=0, max_running=8,
-                                 max_waiting=8))  # fmt: skip
         while True:
             self.peer, frame = await self.socket.recv_multipart()
             message = to_worker_decoder.decode(frame)
             if isinstance(message, Info) and self.alive:
-                await self.socket.send_multipart([self.peer, info])
+                info = WorkerInfo("x", 1, self.models, "cpu", started_at=0, max_running=8, max_waiting=8)
+                await self.socket.send_multipart([self.peer, encode(info)])
             elif isinstance(message, Generate):
                 self.generates.append(message)
                 self.got_generate.set()
