@@ -87,7 +87,7 @@ def gaps_within(arrivals: list[list[float]], start: float, end: float) -> list[f
     return [b - a for times in arrivals for a, b in zip(times, times[1:], strict=False) if start <= b <= end]
 
 
-async def one_round(url: str, model: str, round_: int) -> dict[str, Any]:
+async def one_round(url: str, model: str, round_: int, heavy_kinds: str) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         arrivals: list[list[float]] = [[] for _ in range(STREAMS)]
@@ -106,7 +106,10 @@ async def one_round(url: str, model: str, round_: int) -> dict[str, Any]:
             "max_tokens": 1,
             "response_format": {"type": "json_schema", "json_schema": {"name": "form", "schema": schema(round_)}},
         }
-        ttft_long, ttft_schema = await asyncio.gather(heavy(client, long_body), heavy(client, schema_body))
+        bodies = {"prompt": [long_body], "schema": [schema_body], "both": [long_body, schema_body]}[heavy_kinds]
+        ttfts = await asyncio.gather(*(heavy(client, body) for body in bodies))
+        ttft_long = ttfts[0] if heavy_kinds != "schema" else float("nan")
+        ttft_schema = ttfts[-1] if heavy_kinds != "prompt" else float("nan")
         done = time.perf_counter()
         for task in streams:
             task.cancel()
@@ -144,17 +147,21 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose launcher to run")
     parser.add_argument("--url", help="measure a server that is already running instead")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--heavy", choices=("both", "schema", "prompt"), default="both", help="which heavy request(s) arrive"
+    )
+    parser.add_argument("--flag", action="append", default=[], help="a launcher flag for the server (repeatable)")
     args = parser.parse_args()
     process = None
     url = args.url
     if url is None:
         port = free_port()
         log = Path(tempfile.mkdtemp(prefix="tandem-bench-")) / "server.log"
-        process = start_server(args.root.resolve(), port, log, "--worker-arg=--max-running=32")
+        process = start_server(args.root.resolve(), port, log, "--worker-arg=--max-running=32", *args.flag)
         url = f"http://127.0.0.1:{port}"
     try:
         model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        results = [asyncio.run(one_round(url, model, r)) for r in range(args.rounds)]
+        results = [asyncio.run(one_round(url, model, r, args.heavy)) for r in range(args.rounds)]
     finally:
         if process is not None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -164,6 +171,8 @@ def main() -> None:
     summary = {
         "root": str(args.root),
         "rounds": args.rounds,
+        "heavy": args.heavy,
+        "flags": args.flag,
         "quiet_itl_ms": {q: round(1000 * percentile(quiet, p), 1) for q, p in (("p50", 0.5), ("p95", 0.95))},
         "arrival_itl_ms": {q: round(1000 * percentile(loaded, p), 1) for q, p in (("p50", 0.5), ("p95", 0.95))},
         "arrival_itl_max_ms": round(1000 * max(loaded), 1),
