@@ -8,7 +8,8 @@ recently used branches past a size bound. A wrong guess costs a cache miss, neve
 
 The decision for one request, over the workers that could take it:
 1. loads unbalanced — max − min in flight above `balance_abs` and max above `balance_rel` × min: least loaded;
-2. else the longest cached prefix, if it covers more than `cache_threshold` of the key: that worker;
+2. else the longest cached prefix, if it covers more than `cache_threshold` of the key (and `min_match_chars`):
+   that worker;
 3. else least loaded (ties: the worker whose tree is smallest, so caches fill evenly). SGLang picks the smallest
    tree first; load first suits workers that differ in speed, and new conversations want the idle worker.
 """
@@ -32,6 +33,9 @@ POLICIES = ("cache_aware", "least_loaded")
 class RoutingConfig:
     policy: str = "cache_aware"  # or "least_loaded"
     cache_threshold: float = 0.3  # share of the key a worker must already hold to win on cache (SGLang's default)
+    # … and at least this many characters: the worker caches whole KV blocks of 16 tokens (~64 characters of
+    # English), so a shorter shared start (a role marker, "What is") saves nothing there. Not in SGLang.
+    min_match_chars: int = 64
     balance_abs: int = 16  # in-flight difference before load wins over cache (SGLang: 64, for GPU-sized batches)
     balance_rel: float = 1.5  # … and max load above this multiple of the min load (SGLang's default)
     max_chars: int = 1_000_000  # characters remembered per worker; past it, its least recently used branches go
@@ -200,7 +204,8 @@ class CacheAwareRouter:
         else:
             matched = self.tree.match(key)
             best = max(loads, key=lambda w: (matched.get(w, 0), -loads[w]))
-            if key and matched.get(best, 0) / len(key) > config.cache_threshold:
+            length = matched.get(best, 0)
+            if key and length >= config.min_match_chars and length / len(key) > config.cache_threshold:
                 chosen, why = best, "cache"
             else:
                 chosen, why = self._least_loaded(loads), "load"

@@ -16,6 +16,9 @@ from common.protocol import ChatMessage, Generate
 from gateway.routing import CacheAwareRouter, PrefixTree, RoutingConfig, routing_key
 from gateway.workers import WorkerPool
 
+SYSTEM = "You are a helpful assistant. Answer in one short sentence, in plain English, without lists."
+SHORT = RoutingConfig(min_match_chars=0)  # the policy on keys a few words long
+
 
 def chat(*turns: tuple[str, str]) -> Generate:
     return Generate(id=1, model="m", messages=[ChatMessage(role=role, content=text) for role, text in turns])
@@ -99,14 +102,14 @@ def test_removing_a_worker_leaves_the_others_intact() -> None:
 
 def test_the_next_turn_of_a_chat_goes_where_its_first_turn_went() -> None:
     router = CacheAwareRouter(RoutingConfig())
-    first = routing_key(chat(("system", "You are helpful."), ("user", "Tell me about Paris.")))
+    first = routing_key(chat(("system", SYSTEM), ("user", "Tell me about Paris.")))
     chosen, why = router.choose(first, {"a": 0, "b": 0})
     assert why == "load"
     other = "b" if chosen == "a" else "a"
     loads = {chosen: 1, other: 0}  # the worker that holds it is busier, within the balance thresholds
     second = routing_key(
         chat(
-            ("system", "You are helpful."),
+            ("system", SYSTEM),
             ("user", "Tell me about Paris."),
             ("assistant", "Paris is the capital of France."),
             ("user", "And its museums?"),
@@ -123,15 +126,28 @@ def test_a_new_prefix_goes_to_the_least_loaded_worker() -> None:
 
 
 def test_a_short_shared_part_is_not_enough_for_affinity() -> None:
-    router = CacheAwareRouter(RoutingConfig(cache_threshold=0.5))
+    router = CacheAwareRouter(RoutingConfig(cache_threshold=0.5, min_match_chars=0))
     assert router.choose("same start, then one thing", {"a": 0, "b": 1})[0] == "a"
     # 11 of 30 characters shared: under the threshold, so load decides.
     assert router.choose("same start, and something else", {"a": 2, "b": 1}) == ("b", "load")
 
 
+def test_a_shared_start_shorter_than_a_kv_block_is_no_affinity() -> None:
+    """Two short questions share "<|user|>Wh" — a third of their keys, but less than one KV block of tokens: the
+    worker would find nothing of it cached, so load decides."""
+    router = CacheAwareRouter(RoutingConfig())
+    first = routing_key(chat(("user", "Why is the sky blue?")))
+    assert router.choose(first, {"a": 0, "b": 0})[0] == "a"
+    assert router.choose(routing_key(chat(("user", "What does a CPU do?"))), {"a": 1, "b": 0}) == ("b", "load")
+    assert router.choose(first, {"a": 1, "b": 0}) == ("b", "load")  # even all of it: 28 characters
+    without_minimum = CacheAwareRouter(SHORT)
+    without_minimum.choose(first, {"a": 0, "b": 0})
+    assert without_minimum.choose(first, {"a": 1, "b": 0}) == ("a", "cache")  # what the minimum prevents
+
+
 def test_unbalanced_loads_override_the_cache() -> None:
     """Both thresholds must be passed: more than `balance_abs` apart, and the max above `balance_rel` × the min."""
-    router = CacheAwareRouter(RoutingConfig(balance_abs=4, balance_rel=1.5))
+    router = CacheAwareRouter(RoutingConfig(balance_abs=4, balance_rel=1.5, min_match_chars=0))
     key = "a long shared conversation prefix that both turns start with"
     assert router.choose(key, {"a": 0, "b": 0})[0] == "a"
     assert router.choose(key + " more", {"a": 4, "b": 0}) == ("a", "cache")  # 4 apart: not above 4
@@ -185,7 +201,7 @@ async def test_the_pool_sends_a_chats_next_turn_to_the_same_worker_while_the_fir
     streams, tasks = [], []
     try:
         await until(lambda: all(w.is_ready for w in pool.workers))
-        turns = [("system", "You answer briefly."), ("user", "What is the capital of France?")]
+        turns = [("system", SYSTEM), ("user", "What is the capital of France?")]
         for request in (chat(*turns), chat(*turns, ("assistant", "Paris."), ("user", "And of Spain?"))):
             streams.append(pool.generate(request))
             tasks.append(asyncio.create_task(anext(streams[-1])))  # kept waiting: the request stays in flight
