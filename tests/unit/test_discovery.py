@@ -17,9 +17,11 @@ from test_ops_harness import ipc_address
 from test_pool import HandWorker, generate, until
 
 from common.protocol import Delta, Done, Usage
+from gateway import __main__ as gateway_main
 from gateway.discovery import DnsDiscovery, parse_host_port
 from gateway.errors import Unavailable
 from gateway.workers import WorkerPool
+from supervisor import config as launcher_config
 
 pytestmark = pytest.mark.anyio
 
@@ -203,3 +205,26 @@ async def test_static_workers_are_never_drained() -> None:
     finally:
         static.close()
         await pool.close()
+
+
+# -- flags --------------------------------------------------------------------------------------
+
+
+def test_gateway_flags_for_discovery_and_routing() -> None:
+    config, _ = gateway_main.parse_args(["--worker-dns=tandem-workers:5555", "--routing=least_loaded"])
+    assert config.worker_dns == ("tandem-workers:5555",) and config.workers == ()  # no default local worker
+    assert config.routing.policy == "least_loaded"
+    config, _ = gateway_main.parse_args(["--worker-ray=auto", "--route-balance-abs=4"])
+    assert (config.worker_ray, config.ray_namespace, config.routing.balance_abs) == ("auto", "tandem", 4)
+    for wrong in (["--worker-dns=tandem-workers"], ["--worker-dns=w:5555", "--registry=ipc:///x"]):
+        with pytest.raises(SystemExit):
+            gateway_main.parse_args(wrong)
+
+
+def test_launcher_flags_for_ray() -> None:
+    assert launcher_config.parse_args([]).ray is None
+    assert launcher_config.parse_args(["--ray"]).ray == ""  # the local cluster, started if there is none
+    config = launcher_config.parse_args(["--ray", "10.0.0.1:6379", "--workers", "4", "--ray-gateway-node", "10.0.0.2"])
+    assert (config.ray, config.num_workers, config.ray_gateway_nodes) == ("10.0.0.1:6379", 4, ("10.0.0.2",))
+    with pytest.raises(SystemExit):
+        launcher_config.parse_args(["--ray-gateway-node", "10.0.0.2"])  # without --ray
