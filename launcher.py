@@ -315,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         return chat.main(argv[1:])
     config = parse_args(argv)
     logs.configure("info", config.log_format)
+    if config.ray is not None:
+        from supervisor.ray_launch import RayLauncher  # imports ray only here
+
+        return RayLauncher(config).run()
     return Launcher(config).run()
 
 

@@ -21,6 +21,8 @@ from common.curve import CurveKeys
 from gateway.app import create_app
 from gateway.auth import read_key_file
 from gateway.config import GatewayConfig
+from gateway.discovery import parse_host_port
+from gateway.routing import POLICIES, RoutingConfig
 
 logger = logging.getLogger("gateway")
 
@@ -31,6 +33,39 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
     parser.add_argument("--worker", action="append", dest="workers", help="ZeroMQ address of a worker (repeatable)")
     parser.add_argument(
         "--registry", default=env("TANDEM_REGISTRY") or None, help="the supervisor's control socket (launcher.py)"
+    )
+    cluster = parser.add_argument_group("workers that come and go (README: Cluster)")
+    cluster.add_argument(
+        "--worker-dns",
+        action="append",
+        default=[t for t in env("TANDEM_WORKER_DNS", "").split(",") if t],
+        metavar="NAME:PORT",
+        help="a name that resolves to every worker (a Kubernetes headless Service), resolved again every "
+        "--discovery-interval; one worker per address (repeatable)",
+    )
+    cluster.add_argument(
+        "--worker-ray",
+        default=env("TANDEM_WORKER_RAY") or None,
+        metavar="ADDRESS",
+        help="find the workers `launcher.py --ray` placed on this Ray cluster (auto: the local one)",
+    )
+    cluster.add_argument("--ray-namespace", default=env("TANDEM_RAY_NAMESPACE", "tandem"))
+    cluster.add_argument("--discovery-interval", type=float, default=5.0, help="seconds between discovery rounds")
+    routing = parser.add_argument_group("routing among the workers of a model")
+    routing.add_argument(
+        "--routing",
+        choices=POLICIES,
+        default=env("TANDEM_ROUTING", RoutingConfig.policy),
+        help="cache_aware: a prompt goes where its prefix is cached unless loads are uneven; least_loaded",
+    )
+    routing.add_argument("--route-cache-threshold", type=float, default=RoutingConfig.cache_threshold)
+    routing.add_argument("--route-balance-abs", type=int, default=RoutingConfig.balance_abs)
+    routing.add_argument("--route-balance-rel", type=float, default=RoutingConfig.balance_rel)
+    routing.add_argument(
+        "--route-tree-chars",
+        type=int,
+        default=RoutingConfig.max_chars,
+        help="characters of prompts remembered per worker for cache-aware routing",
     )
     parser.add_argument("--host", default=env("TANDEM_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("TANDEM_PORT", "8000")))
@@ -111,14 +146,31 @@ def parse_args(argv: list[str] | None = None) -> tuple[GatewayConfig, argparse.N
             raise ValueError("--curve-server-key and --curve-client-key go together")
         if args.curve_server_key and args.curve_client_key:
             CurveKeys.load(args.curve_server_key, args.curve_client_key)  # fail now, not in the lifespan
+        for target in args.worker_dns:
+            parse_host_port(target)
+        discovered = bool(args.worker_dns or args.worker_ray)
+        if discovered and args.registry:
+            raise ValueError("--registry manages the workers itself: not with --worker-dns or --worker-ray")
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    default_worker = [] if args.registry else [env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock")]
+    local = [env("TANDEM_WORKER_BIND", "ipc:///tmp/tandem-worker-0.sock")]
+    default_worker = [] if args.registry or discovered else local
     workers = tuple(args.workers or default_worker)
     metrics_dir = env("PROMETHEUS_MULTIPROC_DIR")  # prometheus-client itself reads it too, at import
     config = GatewayConfig(
         workers=workers,
         registry=args.registry,
+        worker_dns=tuple(args.worker_dns),
+        worker_ray=args.worker_ray,
+        ray_namespace=args.ray_namespace,
+        discovery_interval=args.discovery_interval,
+        routing=RoutingConfig(
+            policy=args.routing,
+            cache_threshold=args.route_cache_threshold,
+            balance_abs=args.route_balance_abs,
+            balance_rel=args.route_balance_rel,
+            max_chars=args.route_tree_chars,
+        ),
         host=args.host,
         port=args.port,
         max_body_bytes=args.max_body_bytes,

@@ -39,6 +39,7 @@ from gateway import (
 )
 from gateway.auth import HEALTH_PATHS, METRICS_PATHS, RequireKey, is_open, open_paths
 from gateway.config import GatewayConfig
+from gateway.discovery import Discovery, DnsDiscovery
 from gateway.errors import GatewayError, NotFound, Unavailable
 from gateway.metrics import Metrics, metrics_endpoint
 from gateway.observe import REQUEST_ID, Observe
@@ -119,8 +120,10 @@ def worker_view(worker: WorkerConnection) -> dict[str, Any]:
         "accelerators": info.num_accelerators if info else 0,
         "memory_used_bytes": info.memory_used_bytes if info else 0,
         "memory_total_bytes": info.memory_total_bytes if info else 0,
+        "prefix_cache_hit_rate": round(info.prefix_cache_hit_rate, 4) if info else 0.0,
         "in_flight": worker.num_in_flight,
         "restarts": worker.restarts,
+        "draining": worker.draining,
     }
 
 
@@ -156,6 +159,8 @@ async def ready(request: Request) -> Response:
         "uptime_s": round(time.time() - state.started_at, 3),
         "workers": [worker_view(w) for w in pool.workers],
         "loaded": [placement_view(card, placement) for card, placement in pool.loaded()],
+        # what each discovery source (--worker-dns, --worker-ray) saw last
+        "discovery": pool.discovered(),
     }
     return JSONResponse(body, status_code=200 if status == "healthy" else 503)
 
@@ -187,6 +192,15 @@ class DrainGate:
         await render_error(path, error, scope.get("method", "GET"))(scope, receive, send)
 
 
+def discovery_sources(config: GatewayConfig) -> list[Discovery]:
+    sources: list[Discovery] = [DnsDiscovery(target) for target in config.worker_dns]
+    if config.worker_ray is not None:
+        from gateway.ray_discovery import RayDiscovery  # only with --worker-ray: it needs the ray package
+
+        sources.append(RayDiscovery(config.worker_ray, config.ray_namespace))
+    return sources
+
+
 def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlette:
     """The whole HTTP surface. `pool` is injectable for tests; by default built from config.workers."""
     metrics = Metrics(config.metrics_dir)
@@ -203,6 +217,9 @@ def create_app(config: GatewayConfig, pool: WorkerPool | None = None) -> Starlet
             curve=curve,
             buffer_bytes=config.buffer_bytes,
             registry=config.registry,
+            discovery=discovery_sources(config),
+            discovery_interval=config.discovery_interval,
+            routing=config.routing,
         )
         app.state.config = config
         app.state.metrics = metrics

@@ -5,11 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.routing import RoutingConfig
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
     workers: tuple[str, ...]  # ZeroMQ addresses of fixed workers, e.g. ipc:///tmp/tandem-0.sock
     registry: str | None = None  # the supervisor's control socket: workers come and go as models load and unload
+    worker_dns: tuple[str, ...] = ()  # NAME:PORT, resolved every `discovery_interval` to all its workers
+    worker_ray: str | None = None  # a Ray cluster's address: the workers the launcher placed there as actors
+    ray_namespace: str = "tandem"
+    discovery_interval: float = 5.0  # seconds between two rounds of discovery
+    routing: RoutingConfig = RoutingConfig()
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 8 * 1024 * 1024

@@ -60,6 +60,7 @@ class WorkerConnection:
     restarts: int = 0
     refused: bool = False  # the last handshake failed (logged once, not once per reconnect)
     ever_ready: bool = False  # has answered a heartbeat since the gateway connected
+    draining: bool = False  # discovery lost it: no new requests; dropped once those in flight are done
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # its reader, heartbeat and monitor
     metrics: Metrics = field(default_factory=Metrics)
     on_ready: Callable[[], None] = lambda: None  # called when it turns ready (the pool wakes waiting requests)

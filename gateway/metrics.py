@@ -11,6 +11,7 @@ live processes. With one process (the default) the values simply live in this ap
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -82,6 +83,13 @@ class Metrics:
         self.kv_usage = self._worker_gauge("tandem:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
         self.worker_up = self._worker_gauge("tandem:worker_up", "1 while the worker answers its heartbeat.")
         self.worker_started = self._worker_gauge("tandem:worker_start_time_seconds", "Unix time the worker started.")
+        self.prefix_hit_rate = self._worker_gauge(
+            "tandem:prefix_cache_hit_rate", "Share of prompt tokens the worker found in its prefix cache (0-1)."
+        )
+        self.routing_decisions = Counter(
+            "tandem:routing_decisions", "Cache-aware routing's choices: cache (prefix held), load (least loaded), "
+            "balance (loads too uneven for cache).", ["decision"], registry=registry,
+        )  # fmt: skip
         self.worker_restarts = Gauge(
             "tandem:worker_restarts", "Times the worker came back as a new process since this gateway started.",
             worker, registry=registry, multiprocess_mode="max",
@@ -100,10 +108,19 @@ class Metrics:
         self.waiting.labels(address).set(info.num_waiting)
         usage = info.kv_blocks_used / info.kv_blocks_total if info.kv_blocks_total else 0.0
         self.kv_usage.labels(address).set(usage)
+        self.prefix_hit_rate.labels(address).set(info.prefix_cache_hit_rate)
 
     def worker_down(self, address: str) -> None:
         for gauge in (self.worker_up, self.running, self.waiting, self.kv_usage):
             gauge.labels(address).set(0)
+
+    def forget_worker(self, address: str) -> None:
+        """A discovered worker left for good: its series go, so addresses that come and go (pods rescheduled with
+        new IPs) do not pile up. (In multiprocess mode the files keep the last value: 0, from `worker_down`.)"""
+        gauges = (self.worker_up, self.running, self.waiting, self.kv_usage, self.prefix_hit_rate, self.worker_started)
+        for gauge in (*gauges, self.worker_restarts):
+            with contextlib.suppress(KeyError):
+                gauge.remove(address)
 
     def meter(self, model: str) -> Meter:
         return Meter(self, model)

@@ -10,7 +10,11 @@ the request metrics are taken.
 
 The workers are a fixed list (`--worker`), or follow the supervisor's Registry (`--registry`, gateway/registry.py):
 then a request for a model that is not loaded asks for it and waits (bounded by the request timeout, like the rest
-of the request), and the pool connects to each new worker and drops each stopped one.
+of the request), and the pool connects to each new worker and drops each stopped one. Or they are discovered
+(gateway/discovery.py: DNS names, Ray), asked again every few seconds: a new address is connected; one that is gone
+is drained — no new requests, those in flight finish (or fail cleanly if the worker is dead) — then dropped.
+
+Among the workers that serve a model, `_pick` routes by prompt prefix (gateway/routing.py) or by load.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from common.protocol import (
     encode,
 )
 from gateway.connection import WorkerConnection, error_for
+from gateway.discovery import Discovery
 from gateway.errors import (
     BadRequest,
     ClientTooSlowError,
@@ -47,10 +52,12 @@ from gateway.errors import (
     ServerBusy,
     Unavailable,
 )
+from gateway.membership import Membership
 from gateway.metrics import Metrics
 from gateway.observe import current_trace
 from gateway.registry import RegistryClient, model_key
 from gateway.request_buffer import MAX_BYTES, RequestBuffer, WorkerGone
+from gateway.routing import CacheAwareRouter, RoutingConfig, routing_key
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +94,9 @@ class WorkerPool:
         curve: CurveKeys | None = None,
         buffer_bytes: int = MAX_BYTES,
         registry: str | None = None,
+        discovery: list[Discovery] | None = None,
+        discovery_interval: float = 5.0,
+        routing: RoutingConfig | None = None,
     ) -> None:
         self.context = context or zmq.asyncio.Context()
         self.heartbeat_interval = heartbeat_interval
@@ -100,6 +110,12 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._started = False
         self._changed = asyncio.Event()  # set (and replaced) when a worker turns ready or the registry changes
+        assert not (discovery and registry), "workers follow the registry or discovery, not both"
+        self.membership = Membership(self, discovery or [], discovery_interval, static=set(addresses))
+        routing = routing or RoutingConfig()
+        self.router = CacheAwareRouter(routing) if routing.policy == "cache_aware" else None
+        self.max_key_chars = routing.max_key_chars
+        self._instances: dict[str, str] = {}  # the worker instance the router's tree describes, by address
         for address in addresses:
             self._add(address)
 
@@ -130,11 +146,16 @@ class WorkerPool:
             asyncio.create_task(worker.watch(), name=f"watch {worker.address}"),
         ]
 
-    def _drop(self, worker: WorkerConnection, reason: str) -> asyncio.Future[None]:
-        """Out of the pool now (its waiting requests fail now); its tasks and socket close in the background."""
+    def _drop(self, worker: WorkerConnection, reason: str, *, forget: bool = False) -> asyncio.Future[None]:
+        """Out of the pool now (its waiting requests fail now); its tasks and socket close in the background.
+        `forget`: its metric series go too (a discovered address may never come back)."""
         self.workers.remove(worker)
         worker.fail_all(reason)
         self.metrics.worker_down(worker.address)
+        if forget:
+            self.metrics.forget_worker(worker.address)
+        if self.router is not None and self._instances.pop(worker.address, None) is not None:
+            self.router.forget(worker.address)
         return asyncio.ensure_future(self._close_connection(worker))
 
     async def _close_connection(self, worker: WorkerConnection) -> None:
@@ -151,10 +172,12 @@ class WorkerPool:
             self._run(worker)
         if self.registry is not None:
             await self.registry.start()
+        self.membership.start()
 
     async def close(self) -> None:
         if self.registry is not None:
             await self.registry.close()
+        await self.membership.close()
         for worker in list(self.workers):
             await self._drop(worker, "gateway shutting down")
         self.context.term()
@@ -184,11 +207,11 @@ class WorkerPool:
 
     @property
     def is_ready(self) -> bool:
-        """Static workers: one answers. With a registry: it has been heard, and every loaded model has a worker
-        that answers this gateway (one restarting after a crash makes the server not ready, as it did with one
-        fixed worker; so does a new one until its first heartbeat, for milliseconds)."""
+        """Static and discovered workers: one answers and is not draining. With a registry: it has been heard, and
+        every loaded model has a worker that answers this gateway (one restarting after a crash makes the server not
+        ready, as it did with one fixed worker; so does a new one until its first heartbeat, for milliseconds)."""
         if self.registry is None:
-            return any(worker.is_ready for worker in self.workers)
+            return any(worker.is_ready and not worker.draining for worker in self.workers)
         answering = {worker.address for worker in self.workers if worker.is_ready}
         serving = [p for p in self.registry.placements.values() if p.state == "ready"]
         return self.registry.is_ready and all(answering & set(p.addresses) for p in serving)
@@ -236,6 +259,10 @@ class WorkerPool:
             if placement.state == "ready" and name in cards
         ]
 
+    def discovered(self) -> dict[str, list[str]]:
+        """What each discovery source saw last (/health)."""
+        return {name: sorted(found) for name, found in self.membership.found.items()}
+
     def num_in_flight(self) -> int:
         return sum(worker.num_in_flight for worker in self.workers)
 
@@ -279,7 +306,8 @@ class WorkerPool:
             request = msgspec.structs.replace(request, model=card.parent, adapter=card.name)
         self._hold(request.model)
         try:
-            worker, waited = await self._acquire(request.model, keep_alive)
+            key = routing_key(request, self.max_key_chars) if self.router is not None else None
+            worker, waited = await self._acquire(request.model, keep_alive, key)
             async for event in self._generate(worker, request):
                 if isinstance(event, Done) and waited > event.timings.load:
                     event = msgspec.structs.replace(event, timings=msgspec.structs.replace(event.timings, load=waited))
@@ -332,6 +360,7 @@ class WorkerPool:
             if not finished and request.id not in worker.orphans:  # (an overflowing buffer abandoned it already)
                 logger.info("request %d: abandoned before done; sending Abort", request.id)
                 worker.abandon(request.id)
+            self.membership.settle(worker)
 
     async def embed(self, request: Embed, keep_alive: float | None = None) -> Embeddings:
         """Send one Embed and wait for its vectors; Abort if the wait ends early. Raises GatewayError on failure."""
@@ -369,6 +398,7 @@ class WorkerPool:
                 worker.queues.pop(request.id, None)
                 if not finished and request.id not in worker.orphans:
                     worker.abandon(request.id)
+                self.membership.settle(worker)
         finally:
             self._release(request.model)
 
@@ -382,12 +412,14 @@ class WorkerPool:
         if self.registry is not None:
             self.registry.release(model)
 
-    async def _acquire(self, model: str, keep_alive: float | None) -> tuple[WorkerConnection, float]:
+    async def _acquire(
+        self, model: str, keep_alive: float | None, key: str | None = None
+    ) -> tuple[WorkerConnection, float]:
         """A worker for `model`, and the seconds waited for it to load. Fixed workers: pick one now. With a
         registry: load the model if it is not (or is being unloaded), then wait for this gateway's connection to
         the new worker; a loaded model whose worker is down (restarting) is a 503 at once, as with fixed ones."""
         if self.registry is None:
-            return self._pick(model, [w for w in self.workers if w.serves(model)]), 0.0
+            return self._pick(model, [w for w in self.workers if w.serves(model) and not w.draining], key), 0.0
         started, waited = time.monotonic(), False
         while True:
             placement = self.registry.placement(model)
@@ -396,7 +428,7 @@ class WorkerPool:
                 ready = [w for w in workers if w.is_ready]
                 if ready:
                     self.registry.use(placement.name, keep_alive)
-                    return self._pick(model, ready), time.monotonic() - started if waited else 0.0
+                    return self._pick(model, ready, key), time.monotonic() - started if waited else 0.0
                 if any(w.ever_ready for w in workers):
                     raise Unavailable(
                         f"The worker of '{model}' is restarting; try again shortly", headers={"Retry-After": "1"}
@@ -406,7 +438,7 @@ class WorkerPool:
                 await self.registry.load(model, keep_alive)
             waited = True
 
-    def _pick(self, model: str, candidates: list[WorkerConnection]) -> WorkerConnection:
+    def _pick(self, model: str, candidates: list[WorkerConnection], key: str | None = None) -> WorkerConnection:
         if not candidates:
             self.find_model(model)  # raises the right error: not ready, or no such model
             raise Unavailable(f"No ready worker serves '{model}'")
@@ -417,4 +449,12 @@ class WorkerPool:
         open_ = [w for w in candidates if w.num_in_flight < w.capacity]
         if not open_:
             raise ServerBusy("Server is busy: too many requests in flight; retry shortly", headers={"Retry-After": "1"})
-        return min(open_, key=lambda w: w.num_in_flight / max(w.capacity, 1))
+        if self.router is None or key is None or len(open_) == 1:
+            return min(open_, key=lambda w: w.num_in_flight / max(w.capacity, 1))
+        for worker in open_:
+            if self._instances.get(worker.address, worker.instance) != worker.instance:
+                self.router.forget(worker.address)  # a new process: its cache starts empty
+            self._instances[worker.address] = worker.instance
+        chosen, why = self.router.choose(key, {w.address: w.num_in_flight for w in open_})
+        self.metrics.routing_decisions.labels(why).inc()
+        return next(w for w in open_ if w.address == chosen)

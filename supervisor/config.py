@@ -33,6 +33,13 @@ class LaunchConfig:
     max_loaded_models: int = 3
     builtin_embedding: bool = True
     loras: tuple[str, ...] = ()  # --lora NAME=PATH: LoRA adapters, each served as a model on its base's worker
+    ray: str | None = None  # --ray [ADDRESS]: workers as Ray actors ("": the local cluster, started if none)
+    ray_namespace: str = "tandem"
+    ray_worker_cpus: float = 1.0
+    ray_worker_gpus: float | None = None  # None: 1 per worker where the cluster has GPUs, else 0
+    ray_gateway_nodes: tuple[str, ...] = ()  # Ray node ids or IPs that run a gateway actor each
+    ray_gateway_port: int = 0  # of those gateways; 0: a free port (logged)
+    curve_dir: Path | None = None  # CURVE keys for tcp:// workers (`keygen`); None: fresh ones per run
 
 
 def flag_value(args: tuple[str, ...], flag: str) -> str | None:
@@ -110,7 +117,38 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     parser.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to each worker")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra flag passed to the gateway")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
+    ray = parser.add_argument_group("Ray (README: Cluster)")
+    ray.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="place the workers (--workers per model) as Ray actors across the cluster at ADDRESS (none: the local "
+        "cluster, started if there is none); the gateways find them through Ray",
+    )
+    ray.add_argument("--ray-namespace", default="tandem", help="Ray namespace of the actors (one per deployment)")
+    ray.add_argument("--ray-worker-cpus", type=float, default=1.0, help="CPUs Ray reserves for each worker")
+    ray.add_argument(
+        "--ray-worker-gpus", type=float, default=None, help="GPUs per worker (default: 1 if the cluster has GPUs)"
+    )
+    ray.add_argument(
+        "--ray-gateway-node",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="also run a gateway as a Ray actor on this node (a node id or IP; repeatable)",
+    )
+    ray.add_argument("--ray-gateway-port", type=int, default=0, help="port of those gateways (default: a free one)")
+    ray.add_argument(
+        "--curve-dir",
+        type=Path,
+        default=None,
+        help="CURVE keys from `launcher.py keygen` for the tcp:// workers (default: new keys each run)",
+    )
     args = parser.parse_args(argv)
+    if args.ray is None and (args.ray_gateway_node or args.curve_dir):
+        parser.error("--ray-gateway-node and --curve-dir go with --ray")
     hub = env("HF_HUB_CACHE") or str(Path(env("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub")
     max_loaded = args.max_loaded_models or 3 * max(memory.gpu_count() if args.device != "cpu" else 1, 1)
     return LaunchConfig(
@@ -132,4 +170,11 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         max_loaded_models=max_loaded,
         builtin_embedding=not args.no_embedding_model,
         loras=tuple(args.lora),
+        ray=args.ray,
+        ray_namespace=args.ray_namespace,
+        ray_worker_cpus=args.ray_worker_cpus,
+        ray_worker_gpus=args.ray_worker_gpus,
+        ray_gateway_nodes=tuple(args.ray_gateway_node),
+        ray_gateway_port=args.ray_gateway_port,
+        curve_dir=args.curve_dir,
     )

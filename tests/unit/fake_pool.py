@@ -42,6 +42,9 @@ class ScriptedPool:
     def loaded(self) -> list[tuple[ModelCard, Placement | None]]:
         return [(self.card, None)]
 
+    def discovered(self) -> dict[str, list[str]]:
+        return {}
+
     async def load(self, model: str, keep_alive: float | None = None) -> float:
         self.find_model(model)
         self.keep_alives.append(keep_alive)

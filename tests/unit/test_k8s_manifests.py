@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from common.curve import CurveKeys, ServerCurve, keygen
+from gateway.discovery import parse_host_port
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 OVERLAYS = ["base", "gpu"]
@@ -134,16 +135,21 @@ def test_a_schema_error_fails_validation() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_gateway_lists_every_worker_replica_by_its_stable_name(overlay: str) -> None:
+def test_the_gateway_finds_every_worker_through_the_headless_service(overlay: str) -> None:
+    """One --worker-dns flag naming the workers' headless Service and its port, and no fixed list beside it: so
+    any number of replicas is found, and pods published before they are ready are connected early."""
     objects = render(DEPLOY / overlay)
     workers = find(objects, "StatefulSet")
     headless = find(objects, "Service", workers["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
     assert headless["spec"]["selector"].items() <= workers["spec"]["template"]["metadata"]["labels"].items()
     port = headless["spec"]["ports"][0]["port"]
     assert flags(workers, "bind") == [f"tcp://0.0.0.0:{port}"]
-    expected = [f"tcp://{name(workers)}-{i}.{name(headless)}:{port}" for i in range(workers["spec"]["replicas"])]
-    assert flags(find(objects, "Deployment"), "worker") == expected
+    gateway = find(objects, "Deployment")
+    assert flags(gateway, "worker-dns") == [f"{name(headless)}:{port}"]
+    assert flags(gateway, "worker") == []
+    parse_host_port(flags(gateway, "worker-dns")[0])  # what the gateway itself accepts
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
