@@ -38,7 +38,7 @@ from supervisor import memory
 from supervisor.adapters import adapter_entry
 from supervisor.config import LaunchConfig, flag_value, parse_args
 from supervisor.control import ControlServer
-from supervisor.processes import Child, WorkerProcess
+from supervisor.processes import Child, WorkerProcess, cpu_slices
 from supervisor.registry import Budget, ModelManager
 from worker.catalog import CatalogError, Entry, discover
 
@@ -105,12 +105,22 @@ class Launcher:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", entry.name)[:40]
         slug += "-" + hashlib.sha256(entry.name.encode()).hexdigest()[:6]
         workers = []
-        for i in range(self.config.num_workers):
+        for i, cpus in enumerate(self._cpu_slices()):
             address = f"ipc://{self.run_dir}/{slug}-{i}.sock"
             name = f"worker {entry.name}" + (f" #{i}" if self.config.num_workers > 1 else "")
             command_for = functools.partial(self._worker_command, address, entry)
-            workers.append(WorkerProcess(Child(name, []), address, self.context, command_for=command_for))
+            env = None if cpus is None else {**os.environ, "OMP_NUM_THREADS": str(len(cpus))}
+            child = Child(name, [], env=env, cpus=cpus)
+            workers.append(WorkerProcess(child, address, self.context, command_for=command_for))
         return workers
+
+    def _cpu_slices(self) -> list[frozenset[int] | None]:
+        """Each replica's CPUs: a slice of its own when several workers of a model share this host's CPUs, unless
+        the user chose the threads (OMP_NUM_THREADS set) or the workers run on GPUs."""
+        replicas = self.config.num_workers
+        if replicas == 1 or self.on_gpu or "OMP_NUM_THREADS" in os.environ:
+            return [None] * replicas
+        return list(cpu_slices(sorted(os.sched_getaffinity(0)), replicas))
 
     def _worker_command(self, address: str, entry: Entry) -> list[str]:
         command = [sys.executable, "-m", "worker", "--bind", address, "--device", self.config.device]

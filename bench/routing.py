@@ -111,16 +111,20 @@ class Tandem:
 
 
 async def chat_user(url: str, user: int, args: argparse.Namespace, records: list[tuple[int, RequestRecord]]) -> None:
+    """`args.open` conversations at once, their turns taken in rotation (a user with several chat tabs, or a service
+    with many sessions): the workers' caches must hold every open conversation, which is where routing matters."""
     rng = random.Random(f"user-{user}")
     workload = Workload(url=url, model=TANDEM_MODEL, max_tokens=args.max_tokens)
-    async with httpx.AsyncClient(timeout=300) as client:
-        for c in range(args.conversations // args.users):
-            messages = conversation(rng, user * 1000 + c, args.document_words)
+    async with httpx.AsyncClient(timeout=600) as client:
+        for batch in range(args.conversations // (args.users * args.open)):
+            serials = [user * 1000 + batch * args.open + c for c in range(args.open)]
+            open_chats = [conversation(rng, serial, args.document_words) for serial in serials]
             for turn in range(args.turns):
-                record = RequestRecord(start=time.perf_counter())
-                await stream_one(client, workload, request_body(workload, messages), record, 0.0)
-                records.append((turn, record))
-                messages = [*messages, {"role": "assistant", "content": answer(record, rng)}, follow_up(rng)]
+                for c, messages in enumerate(open_chats):
+                    record = RequestRecord(start=time.perf_counter())
+                    await stream_one(client, workload, request_body(workload, messages), record, 0.0)
+                    records.append((turn, record))
+                    open_chats[c] = [*messages, {"role": "assistant", "content": answer(record, rng)}, follow_up(rng)]
 
 
 def answer(record: RequestRecord, rng: random.Random) -> str:
@@ -130,7 +134,8 @@ def answer(record: RequestRecord, rng: random.Random) -> str:
 
 
 def chats(policy: str, args: argparse.Namespace, logs: Path) -> dict[str, Any]:
-    server = Tandem(logs, f"chats-{policy}", "--workers", "2", f"--gateway-arg=--routing={policy}")
+    kv = f"--worker-arg=--kv-cache-bytes={args.chat_kv_mib << 20}"
+    server = Tandem(logs, f"chats-{policy}", "--workers", "2", f"--gateway-arg=--routing={policy}", kv)
     try:
         server.wait(2)
         records: list[tuple[int, RequestRecord]] = []
@@ -240,7 +245,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", default=["cost", "chats", "failover", "throughput"])
     parser.add_argument("--users", type=int, default=4, help="chats: concurrent users, one conversation at a time")
-    parser.add_argument("--conversations", type=int, default=12)
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--open", type=int, default=4, help="chats: conversations each user keeps open at once")
+    parser.add_argument(
+        "--chat-kv-mib",
+        type=int,
+        default=144,
+        help="chats: each worker's KV cache (144 MiB: ~6,500 tokens, room for every open conversation once, not twice)",
+    )
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--document-words", type=int, default=250)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -258,7 +270,10 @@ def main() -> int:
                 print(f"| {policy} | {workers} | 64 | {c['p50_us']:.1f} | {c['p99_us']:.1f} | {c['max_us']:.0f} |")
     if "chats" in args.parts:
         results = {policy: chats(policy, args, logs) for policy in ("cache_aware", "least_loaded")}
-        print(f"\n{args.conversations} conversations × {args.turns} turns, {args.users} users, 2 workers")
+        print(
+            f"\n{args.conversations} conversations × {args.turns} turns, {args.users} users, {args.open} open each, "
+            f"2 workers of {args.chat_kv_mib} MiB KV"
+        )
         print("| routing | prefix-cache hit rate (all / follow-ups) | per worker | follow-up TTFT p50 / p95 ms | "
               "wall s | decisions |\n|---|---:|---|---:|---:|---|")  # fmt: skip
         for policy, r in results.items():

@@ -5,6 +5,8 @@ waits for the stream it would cut, eviction under --max-loaded-models."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -13,12 +15,13 @@ from typing import Any
 
 import httpx
 import msgspec
+import pytest
 import zmq
 from test_ops_harness import ScriptedEngine, serve_gateway, wait_until
 
 from common.protocol import ModelCard, WorkerInfo
 from supervisor.control import ControlServer
-from supervisor.processes import WorkerProcess
+from supervisor.processes import Child, WorkerProcess, cpu_slices
 from supervisor.registry import Budget, GiB, ModelManager
 from worker.catalog import Entry
 from worker.server import WorkerServer
@@ -155,3 +158,28 @@ def test_max_loaded_models_one_evicts_the_idle_model() -> None:
             assert httpx.post(f"{gateway.base_url}/api/chat", json=chat(model), timeout=30).status_code == 200
             assert loaded(gateway.base_url) == [f"{model}:latest"]
         assert starts == ["a", "b", "a"]
+
+
+def test_cpu_slices_are_disjoint_and_even_or_round_robin_when_cpus_are_few() -> None:
+    assert cpu_slices([0, 1], 2) == [frozenset({0}), frozenset({1})]
+    assert cpu_slices([3, 1, 2, 0, 4], 2) == [frozenset({0, 1, 2}), frozenset({3, 4})]
+    assert cpu_slices([0, 1], 3) == [frozenset({0}), frozenset({1}), frozenset({0})]
+    assert cpu_slices([0, 1, 2, 3], 1) == [frozenset({0, 1, 2, 3})]
+
+
+def test_a_child_with_cpus_runs_on_them_only() -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing to narrow")
+    cpus = frozenset({min(os.sched_getaffinity(0))})
+    # The launcher sets the affinity just after the child starts: the probe waits for it (exit 1), or exits with how
+    # many CPUs it still has after 30 s.
+    probe = (
+        "import os, sys, time\n"
+        "deadline = time.monotonic() + 30\n"
+        "while len(os.sched_getaffinity(0)) != 1 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "sys.exit(len(os.sched_getaffinity(0)))"
+    )
+    child = Child("probe", [sys.executable, "-c", probe], cpus=cpus)
+    child.start()
+    assert child.process is not None and child.process.wait(30) == 1
