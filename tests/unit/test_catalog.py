@@ -102,6 +102,20 @@ def test_every_source_in_order_each_name_once(tmp_path: Path, caplog: pytest.Log
     assert [e.name for e in discover(builtin_embedding=False)] == ["SmolLM2-135M-Instruct"]  # the default
 
 
+def test_the_cache_scan_lists_every_causal_lm(tmp_path: Path) -> None:
+    """Any `*ForCausalLM` config is listed: the worker's fallback paths decide at load whether they serve it."""
+    cache = tmp_path / "hub"
+    for repo, model_type, architectures in [
+        ("Gemma", "gemma3_text", ["Gemma3ForCausalLM"]),
+        ("Llama", "llama", None),  # a native type, its config naming no architectures
+        ("Vision", "llava", ["LlavaForConditionalGeneration"]),
+        ("T5", "t5", ["T5ForConditionalGeneration"]),
+    ]:
+        hf_folder(cache / f"models--org--{repo}" / "snapshots" / "a", model_type, architectures=architectures)
+    entries = discover(hf_cache=cache, builtin_chat=False, builtin_embedding=False)
+    assert [(e.name, e.card.architecture) for e in entries] == [("org/Gemma", "gemma3_text"), ("org/Llama", "llama")]
+
+
 def test_quantizations_of_one_model_are_served_as_tags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     models = tmp_path / "models"
     models.mkdir()
