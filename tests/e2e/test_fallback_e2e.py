@@ -34,7 +34,7 @@ def fallback_server(
     assert server.stop() == 0, server.log()
 
 
-def test_a_fallback_model_answers_chat_completions(fallback_server: tuple[str, Server]) -> None:
+def test_a_fallback_model_answers_both_dialects(fallback_server: tuple[str, Server]) -> None:
     model_type, server = fallback_server
     replies = [
         httpx.post(
@@ -54,6 +54,21 @@ def test_a_fallback_model_answers_chat_completions(fallback_server: tuple[str, S
         body = reply.json()
         assert body["usage"]["completion_tokens"] >= 1
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    ollama = httpx.post(  # the Ollama chat route, on the same model and path
+        f"{server.base_url}/api/chat",
+        json={
+            "model": f"tiny-{model_type}",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "stream": False,
+            "options": {"temperature": 0, "num_predict": 4},
+        },
+        timeout=60,
+    )
+    assert ollama.status_code == 200, ollama.text
+    body = ollama.json()
+    assert body["message"]["role"] == "assistant" and isinstance(body["message"]["content"], str)
+    assert body["done"] is True and body["done_reason"] in ("stop", "length")
+    assert 1 <= body["eval_count"] <= 4 and (body["eval_count"] == 4 or body["done_reason"] == "stop")
     log = server.log_path.read_text(errors="replace")
     assert PATHS[model_type] in log, log[-3000:]
     models = httpx.get(f"{server.base_url}/api/tags", timeout=10).json()["models"]

