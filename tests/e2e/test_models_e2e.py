@@ -82,7 +82,13 @@ def multi(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     gguf = wheel_file(DEFAULT_CHAT, ".gguf")
     assert gguf is not None
     server = start_server(
-        tmp_path_factory.mktemp("multi"), "--model", str(gguf), "--models-dir", str(models_dir), SMALL_KV
+        tmp_path_factory.mktemp("multi"),
+        "--model",
+        str(gguf),
+        "--models-dir",
+        str(models_dir),
+        "--no-hf-cache",  # any causal LM in this machine's cache would be listed too
+        SMALL_KV,
     )
     yield server
     assert server.stop() == 0, server.log()
