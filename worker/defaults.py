@@ -55,12 +55,17 @@ def parse_params(params: list[str]) -> dict[str, Any]:
 
 def generation_defaults(model: Any, params: list[str]) -> GenerationDefaults:
     merged = {**from_generation_config(model), **parse_params(params)}
-    if isinstance(merged.get("stop"), str):
-        merged["stop"] = [merged["stop"]]
-    try:
-        defaults = msgspec.convert(merged, GenerationDefaults)
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"the model's generation defaults are out of range: {exc}") from None
+    defaults = to_defaults(merged)
     if merged:
         logger.info("generation defaults: %s", msgspec.json.encode(defaults).decode())
     return defaults
+
+
+def to_defaults(found: dict[str, Any]) -> GenerationDefaults:
+    """Raises ValueError for a value out of range."""
+    if isinstance(found.get("stop"), str):
+        found = {**found, "stop": [found["stop"]]}
+    try:
+        return msgspec.convert(found, GenerationDefaults)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"the model's generation defaults are out of range: {exc}") from None
