@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+import gguf
 import pytest
 from transformers import GenerationConfig
 
 import launcher
 from common.protocol import GenerationDefaults, ModelCard
 from supervisor import config as launcher_config
+from tests.gguf_writer import write_metadata
 from worker import __main__ as worker_main
 from worker.catalog import Entry
 from worker.defaults import generation_defaults, parse_params
@@ -42,6 +45,26 @@ def test_a_bad_param_is_refused_naming_it(param: str) -> None:
         parse_params([param])
     with pytest.raises(ValueError, match="out of range"):
         generation_defaults(Model(), ["temperature=300"])
+
+
+def sampling_keys(writer: gguf.GGUFWriter) -> None:
+    writer.add_sampling_temp(0.6)
+    writer.add_sampling_top_p(0.95)
+    writer.add_sampling_top_k(20)
+    writer.add_sampling_min_p(0.05)
+    writer.add_sampling_penalty_repeat(1.1)
+    writer.add_sampling_mirostat(2)  # a sampler tandem does not run: not a default
+
+
+def test_a_gguf_files_recommended_sampling_is_the_models_default_under_param(tmp_path: Path) -> None:
+    path = write_metadata(tmp_path / "tiny.gguf", "llama", sampling_keys)
+    assert generation_defaults(Model(), [], path) == GenerationDefaults(
+        temperature=0.6, top_p=0.95, top_k=20, min_p=0.05, repetition_penalty=1.1
+    )
+    over = generation_defaults(Model(do_sample=True, temperature=0.9, top_k=40), ["top_k=50"], path)
+    assert (over.temperature, over.top_k) == (0.6, 50)  # over generation_config, under --param
+    plain = write_metadata(tmp_path / "plain.gguf", "llama", lambda writer: None)
+    assert generation_defaults(Model(), [], plain) == GenerationDefaults()
 
 
 # -- the launcher's --param: every chat model, or one ----------------------------------------------
