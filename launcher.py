@@ -36,7 +36,7 @@ from common import logs
 from common.curve import keygen
 from supervisor import memory
 from supervisor.adapters import adapter_entry
-from supervisor.config import LaunchConfig, flag_value, parse_args
+from supervisor.config import LaunchConfig, flag_value, param_flags, parse_args
 from supervisor.control import ControlServer
 from supervisor.processes import Child, WorkerProcess, cpu_slices
 from supervisor.registry import Budget, ModelManager
@@ -59,6 +59,7 @@ class Launcher:
                 config.models, config.models_dir, config.hf_cache, builtin_embedding=config.builtin_embedding
             )
         self.entries = entries
+        self._check_params()
         self.on_gpu = config.device.startswith("cuda") or (config.device == "auto" and memory.gpu_count() > 0)
         budget = Budget(
             max_loaded=config.max_loaded_models,
@@ -99,6 +100,12 @@ class Launcher:
                 logger.warning("not serving LoRA adapter %s: %s", spec, exc)
         return adapters
 
+    def _check_params(self) -> None:
+        chat = {e.name.lower() for e in self.entries if not e.is_embedding}
+        for param in self.config.params:
+            if param.model is not None and param.model.lower() not in chat:
+                logger.warning("--param %s:%s: no chat model of that name is listed", param.model, param.setting)
+
     def _spawn(self, entry: Entry) -> list[WorkerProcess]:
         """The worker processes of one model, one per replica, each on an ipc:// address of its own (the same
         for every load of that model, so the metrics' `worker` label stays bounded)."""
@@ -131,6 +138,7 @@ class Launcher:
                 command += ["--kv-cache-fraction", f"{0.85 / self.config.max_loaded_models:.3f}"]
         for adapter in self.manager.adapters.of(entry.name):  # as they are now: a reload serves the later ones too
             command += ["--lora", f"{adapter.name}={adapter.spec}"]
+        command += [] if entry.is_embedding else param_flags(self.config.params, entry.name)
         return command + ["--log-format", self.config.log_format, *self.config.worker_args]
 
     def _estimate(self, entry: Entry) -> int:

@@ -1,7 +1,8 @@
 """`python launcher.py batch INPUT.jsonl OUTPUT.jsonl`: a file in OpenAI's Batch format through the engine, as
 vLLM's run_batch does, for offline jobs over thousands of prompts.
 
-Each input line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}`;
+Each input line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" |
+"/v1/embeddings", "body"}`;
 each output line is what OpenAI writes: `{"id", "custom_id", "response": {"status_code", "request_id", "body"},
 "error"}`, in the order the answers finish (match them by custom_id, as with OpenAI). Requests go out concurrently,
 up to --concurrency at once, so the engine batches them. Without --url a server of its own is started (the
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 logger = logging.getLogger("batch")
 
-URLS = ("/v1/chat/completions", "/v1/completions")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 HERE = Path(__file__).resolve().parents[1]
 
 

@@ -145,11 +145,12 @@ async def ready(request: Request) -> Response:
     pool: WorkerPool = state.pool
     status = "draining" if state.draining else "healthy" if pool.is_ready else "starting"
     models = pool.models() if pool.is_ready else []
+    model_loaded = bool(models) and seeds.worker_info(request, models[0]) is not None  # listed is not loaded (registry)
     infos = [w.info for w in pool.workers if w.info is not None]
     body = {
         "status": status,
         "gateway_pid": os.getpid(),  # which of several gateway processes (launcher --gateways N) answered
-        "model_loaded": bool(models),
+        "model_loaded": model_loaded,
         "model_name": models[0].name if models else None,
         "gpu_available": any(info.num_accelerators for info in infos),
         "memory": {

@@ -67,7 +67,7 @@ class ModelInfo(Struct):
     model_path: str
     adapter_path: str | None  # no LoRA adapters are served yet
     template: str  # the model family whose own chat template renders the prompts
-    status: str
+    status: str  # "loaded" while a ready worker serves the model, "unloaded" when it is only listed
 
 
 class ServiceInfo(Struct):
@@ -158,7 +158,7 @@ async def model_info(request: Request) -> Response:
             model_path=card.source,
             adapter_path=None,
             template=card.family or card.architecture,
-            status="loaded",
+            status="loaded" if seeds.worker_info(request, card) else "unloaded",
         )
     )
 

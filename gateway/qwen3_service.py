@@ -53,7 +53,7 @@ class ModelInfo(Struct):
     model_name: str
     device: str
     is_loaded: bool
-    model_size: int  # bytes of weights, as the worker reports them
+    model_size: int  # bytes of weights: the serving worker's card, else the catalog's
 
 
 class LoadRequest(Struct):
@@ -122,8 +122,9 @@ async def health(request: Request) -> Response:
 async def model_info(request: Request) -> Response:
     card = seeds.served_model(request)
     worker = seeds.worker_info(request, card)
+    size = (seeds.served_card(worker, card) or card).size_bytes
     device = worker.device if worker else ""
-    return JSONBody(ModelInfo(model_name=card.name, device=device, is_loaded=True, model_size=card.size_bytes))
+    return JSONBody(ModelInfo(model_name=card.name, device=device, is_loaded=worker is not None, model_size=size))
 
 
 async def load_model(request: Request) -> Response:

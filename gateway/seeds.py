@@ -112,12 +112,20 @@ def served_model(request: Request) -> ModelCard:
 
 
 def worker_info(request: Request, card: ModelCard) -> WorkerInfo | None:
-    """What the worker serving `card` says about itself (device, memory), for the info routes."""
+    """What the ready worker serving `card` now says about itself (device, memory, its card), for the info routes;
+    None when none does: with the supervisor's registry a model is listed before it loads and after keep_alive
+    unloads it."""
     for worker in request.app.state.pool.workers:
         info: WorkerInfo | None = worker.info
-        if info is not None and any(model_key(m.name) == model_key(card.name) for m in info.models):
+        if worker.is_ready and not worker.draining and info is not None and served_card(info, card) is not None:
             return info
     return None
+
+
+def served_card(info: WorkerInfo | None, card: ModelCard) -> ModelCard | None:
+    """The worker's own card of `card`'s model (its weights as loaded), None if that worker does not serve it."""
+    models = info.models if info is not None else []
+    return next((m for m in models if model_key(m.name) == model_key(card.name)), None)
 
 
 def sampling(

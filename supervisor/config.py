@@ -10,6 +10,15 @@ from pathlib import Path
 from common import logs
 from common.control import parse_duration
 from supervisor import memory
+from worker.defaults import parse_params, to_defaults
+
+
+@dataclass(frozen=True)
+class Param:
+    """A launcher `--param`: a generation default for every chat model's worker, or for one model's."""
+
+    setting: str  # NAME=VALUE, as the worker's --param takes it
+    model: str | None = None  # None: every chat model
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,7 @@ class LaunchConfig:
     ray_gateway_nodes: tuple[str, ...] = ()  # Ray node ids or IPs that run a gateway actor each
     ray_gateway_port: int = 0  # of those gateways; 0: a free port (logged)
     curve_dir: Path | None = None  # CURVE keys for tcp:// workers (`keygen`); None: fresh ones per run
+    params: tuple[Param, ...] = ()  # --param [MODEL:]NAME=VALUE
 
 
 def flag_value(args: tuple[str, ...], flag: str) -> str | None:
@@ -51,6 +61,28 @@ def flag_value(args: tuple[str, ...], flag: str) -> str | None:
         elif arg == flag and index + 1 < len(args):
             value = args[index + 1]
     return value
+
+
+def parse_param(text: str) -> Param:
+    """`NAME=VALUE`, or `MODEL:NAME=VALUE` for one model (a name may hold colons, as `qwen3:8b` does; NAME never
+    does). Checked here, so a bad one stops the launch rather than every load of a model."""
+    left, sep, value = text.partition("=")
+    model, colon, name = left.rpartition(":")
+    try:
+        to_defaults(parse_params([f"{name.strip()}{sep}{value}"]))
+    except ValueError as exc:  # (a value that is not JSON too: msgspec's DecodeError is one)
+        raise argparse.ArgumentTypeError(str(exc) if str(exc).startswith("--param") else f"{text!r}: {exc}") from None
+    if colon and not model.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: MODEL is empty")
+    return Param(f"{name.strip()}={value}", model.strip() if colon else None)
+
+
+def param_flags(params: tuple[Param, ...], model: str) -> list[str]:
+    """The worker flags of one chat model: the server-wide --param first, then the model's own, which win (a
+    repeated `stop` adds to the list)."""
+    key = model.strip().lower()
+    chosen = [p for p in params if p.model is None] + [p for p in params if p.model and p.model.lower() == key]
+    return [f"--param={p.setting}" for p in chosen]
 
 
 def duration(text: str) -> float:
@@ -114,6 +146,15 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
     parser.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight streams get on shutdown")
     parser.add_argument("--max-restarts", type=int, default=5, help="worker crashes within 5 minutes before giving up")
     parser.add_argument("--gateways", type=int, default=1, help="gateway processes sharing the port")
+    parser.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        type=parse_param,
+        metavar="[MODEL:]NAME=VALUE",
+        help="a generation default (Ollama's PARAMETER names: temperature, top_p, top_k, min_p, repeat_penalty, "
+        "num_predict, stop) for every chat model, or with MODEL: for that one, over the model's own (repeatable)",
+    )
     parser.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to each worker")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra flag passed to the gateway")
     parser.add_argument("--log-format", choices=logs.FORMATS, default=env("TANDEM_LOG_FORMAT", "text"))
@@ -177,4 +218,5 @@ def parse_args(argv: list[str] | None = None) -> LaunchConfig:
         ray_gateway_nodes=tuple(args.ray_gateway_node),
         ray_gateway_port=args.ray_gateway_port,
         curve_dir=args.curve_dir,
+        params=tuple(args.param),
     )

@@ -24,7 +24,7 @@ from typing import Any
 
 from common.curve import keygen
 from launcher import HERE, Launcher
-from supervisor.config import LaunchConfig
+from supervisor.config import LaunchConfig, param_flags
 from supervisor.ray_hosts import STOP_TIMEOUT, GatewayHost, Keys, WorkerHost
 from worker.catalog import Entry
 
@@ -91,6 +91,7 @@ class RayLauncher(Launcher):
         name = actor_name(entry, index)
         device = "cuda" if gpus > 0 else ("cpu" if self.config.device == "auto" else self.config.device)
         args = ["--device", device, "--dtype", self.config.dtype, "--model", entry.spec, "--served-name", entry.name]
+        args += [] if entry.is_embedding else param_flags(self.config.params, entry.name)
         args += ["--log-format", self.config.log_format, *self.config.worker_args]
         keys = self._keys("server.key_secret", "authorized/client.key")
         logger.info("ray: placing %s (%s, %g CPU, %g GPU)", name, entry.name, self.config.ray_worker_cpus, gpus)

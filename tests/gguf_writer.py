@@ -160,3 +160,15 @@ def write_requantized(
     writer.write_tensors_to_file()
     writer.close()
     return dest
+
+
+def write_metadata(dest: Path, architecture: str, add: Callable[[gguf.GGUFWriter], None]) -> Path:
+    """A GGUF file with the metadata `add` writes (gguf-py's own `add_*`, so the keys have llama.cpp's types) and no
+    tensors: what a header reader reads."""
+    writer = gguf.GGUFWriter(dest, architecture)
+    add(writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dest

@@ -180,7 +180,8 @@ def build_engine(args: argparse.Namespace) -> Engine | Embedder:
     )
     if args.served_name:
         loaded.name = args.served_name
-    loaded.defaults = generation_defaults(loaded.model, args.param)
+    gguf = Path(loaded.source).expanduser() if loaded.format == "gguf" else None
+    loaded.defaults = generation_defaults(loaded.model, args.param, gguf)
     config = EngineConfig(
         max_running=args.max_running,
         max_waiting=args.max_waiting,

@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from fake_pool import ScriptedPool
+from test_models_api import ENCODER, pool_for
 from test_seeds import CARD, BarrierPool
 
 from cli.batch import run_batch
@@ -25,7 +27,7 @@ def line(custom_id: str, url: str = "/v1/chat/completions", body: Any = CHAT, me
     return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body})
 
 
-async def run(lines: list[str], pool: BarrierPool, concurrency: int = 8) -> tuple[int, dict[str, Any]]:
+async def run(lines: list[str], pool: ScriptedPool, concurrency: int = 8) -> tuple[int, dict[str, Any]]:
     app = create_app(GatewayConfig(workers=()), pool=pool)  # type: ignore[arg-type]
     out = io.StringIO()
     async with app.router.lifespan_context(app):
@@ -52,7 +54,7 @@ async def test_answer_lines_are_openais_and_every_request_is_in_flight_at_once()
 async def test_bad_lines_get_an_error_line_and_the_job_goes_on() -> None:
     lines = [
         "not json",
-        line("wrong-url", "/v1/embeddings"),
+        line("wrong-url", "/v1/moderations"),
         line("wrong-method", method="GET"),
         line("streamed", body={**CHAT, "stream": True}),
         line("unknown-model", body={**CHAT, "model": "nope"}),
@@ -65,3 +67,17 @@ async def test_bad_lines_get_an_error_line_and_the_job_goes_on() -> None:
     refused = answers["unknown-model"]["response"]  # the server answered: OpenAI writes its status and error body
     assert refused["status_code"] == 404 and refused["body"]["error"]["code"] == "model_not_found"
     assert answers["unknown-model"]["error"] is None
+
+
+async def test_embedding_lines_answer_openais_embedding_body() -> None:
+    """OpenAI's Batch API and vLLM's run_batch take /v1/embeddings lines too."""
+    body = {"model": ENCODER.name, "input": ["one", "two"]}
+    succeeded, answers = await run([line("emb-1", "/v1/embeddings", body)], pool_for(ENCODER))
+    assert succeeded == 1
+    embedded = answers["emb-1"]
+    assert embedded["id"].startswith("batch_req_") and embedded["error"] is None
+    assert embedded["response"]["status_code"] == 200 and embedded["response"]["request_id"]
+    answer = embedded["response"]["body"]
+    assert answer["object"] == "list" and answer["model"] == ENCODER.name
+    assert [item["index"] for item in answer["data"]] == [0, 1]
+    assert answer["data"][0]["embedding"] == [0.5, 0.5, 0.5, 0.5]

@@ -81,6 +81,7 @@ class FakeWorker:
     address: str = "ipc:///tmp/fake"
     num_in_flight: int = 0
     restarts: int = 0
+    draining: bool = False
 
     @property
     def is_ready(self) -> bool:
@@ -411,8 +412,32 @@ async def test_info_routes_report_what_the_worker_reports() -> None:
         named = await client.post("/api/v1/model/load", json={"model_name": "nope"})
     assert info == {"model_name": CARD.name, "device": "cuda:1", "is_loaded": True, "model_size": 8_044_000_000}
     assert factory["model_path"] == "/models/Qwen3-4B-Thinking" and factory["template"] == "qwen3"
+    assert health["model_loaded"] is True and factory["status"] == "loaded"
     assert health["gpu_available"] is True and health["memory"] == {"used_bytes": 9e9, "total_bytes": 8e10}
     assert loaded["status"] == "loaded" and named.status_code == 404 and "detail" in named.json()
+
+
+async def test_a_model_listed_but_not_loaded_is_reported_unloaded() -> None:
+    """Under the supervisor's registry a model stays listed after keep_alive unloads it: no ready worker serves it
+    then, and the info routes say so, with the catalog's size; once loaded, the worker's card gives the size."""
+    pool = FakePool()
+    pool.workers = []  # listed (pool.models()), no worker serving it
+    async with client_for(pool) as client:
+        info = (await client.get("/api/v1/model/info")).json()
+        factory = (await client.get("/model/info")).json()
+        health = (await client.get("/health")).json()
+        pool.workers = [FakeWorker(info=msgspec.structs.replace(INFO, models=[], device="cuda:0"))]  # another model
+        other = (await client.get("/api/v1/model/info")).json()
+        loaded = msgspec.structs.replace(CARD, size_bytes=2_500_000_000)  # quantized as the worker loaded it
+        pool.workers = [FakeWorker(info=msgspec.structs.replace(INFO, models=[loaded]))]
+        served = (await client.get("/api/v1/model/info")).json()
+        pool.workers[0].draining = True
+        draining = (await client.get("/health")).json()
+    assert info == {"model_name": CARD.name, "device": "", "is_loaded": False, "model_size": 8_044_000_000}
+    assert factory["status"] == "unloaded" and other["is_loaded"] is False and other["device"] == ""
+    assert (health["model_loaded"], health["model_name"]) == (False, CARD.name)
+    assert served == {"model_name": CARD.name, "device": "cuda:1", "is_loaded": True, "model_size": 2_500_000_000}
+    assert draining["model_loaded"] is False
 
 
 async def test_root_answers_ollama_text_unless_json_is_asked_for() -> None:
