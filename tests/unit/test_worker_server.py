@@ -96,6 +96,28 @@ def test_a_silent_gateway_has_its_requests_aborted_and_is_told_why() -> None:
     assert engine.aborted == [3] and not engine.has_work()
 
 
+class BreaksOnOneRequest(ScriptedEngine):
+    def add(self, peer: bytes, request: Generate, ready: Any = None) -> list[tuple[bytes, Any]]:
+        if request.prompt == "bug":
+            raise KeyError("simulated engine bug")
+        return super().add(peer, request, ready)
+
+
+def test_an_engine_that_raises_on_one_request_fails_it_alone() -> None:
+    address = ipc_address()
+    engine = BreaksOnOneRequest()
+    with serve_worker(engine, address), dealer(address) as gateway:
+        for request_id, prompt in ((1, "hi"), (2, "bug"), (3, "hi")):
+            gateway.send(encode(Generate(id=request_id, model=MODEL, prompt=prompt)))
+        events: dict[int, list[Any]] = {1: [], 2: [], 3: []}
+        while sum(isinstance(e, Done | Failed) for batch in events.values() for e in batch) < 3:
+            event = receive(gateway)
+            events[event.id].append(event)
+    assert [type(e) for e in events[2]] == [Failed]
+    assert events[2][0].code == "internal" and "simulated engine bug" in events[2][0].message
+    assert [type(e) for e in events[1]] == [type(e) for e in events[3]] == [Delta] * 5 + [Done]  # the worker went on
+
+
 class BreaksOnStep(ScriptedEngine):
     def step(self) -> list[tuple[bytes, Any]]:
         if self.running:
