@@ -4,6 +4,7 @@ one request's intake or output, an abort at any stage, a gateway that vanishes â
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -130,6 +131,37 @@ def test_a_failing_intake_fails_that_request_only(engine: Engine, monkeypatch: p
     [bad], [good] = client.ends()[(PEER, 1)], client.ends()[(PEER, 2)]
     assert isinstance(bad, Failed) and bad.code == "internal" and "tokenizer exploded" in bad.message
     assert isinstance(good, Done)
+
+
+def test_intake_runs_off_the_step_loop(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request stuck at intake (a slow template, tokenizer or grammar) holds up no stream already decoding."""
+    client = Client(engine)
+    client.add(chat(1))  # already queued: it runs while request 2 is taken in
+    prepare = engine.intake.prepare
+    entered, release = threading.Event(), threading.Event()
+
+    def blocks_for_two(key: Any, request: Generate) -> Any:
+        if request.id == 2:
+            entered.set()
+            assert release.wait(60), "the test never released the intake"
+        return prepare(key, request)
+
+    monkeypatch.setattr(engine.intake, "prepare", blocks_for_two)
+    client.add(chat(2), admit=False)
+    try:
+        assert entered.wait(30), "request 2 never reached intake"
+        for _ in range(8):  # request 1's whole answer, while request 2 is still inside intake
+            client.take(engine.step())
+        *deltas, done = client.events[(PEER, 1)]
+        assert len(deltas) > 1 and all(isinstance(e, Delta) for e in deltas)
+        assert isinstance(done, Done) and done.usage.completion_tokens == 8
+        assert client.ready.empty() and (PEER, 2) in engine.preparing and client.events[(PEER, 2)] == []
+    finally:
+        release.set()
+    client.take(engine.admit(client.ready.get(timeout=30)))
+    client.run()
+    [end] = client.ends()[(PEER, 2)]
+    assert isinstance(end, Done) and end.usage.completion_tokens == 8
 
 
 def test_a_failing_output_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
