@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +29,7 @@ class StoppedMidStep(ScriptedEngine):
     def step(self) -> list[tuple[bytes, Any]]:
         assert self.server is not None
         self.server.stop()
-        time.sleep(0.5)  # long enough for the I/O thread to notice and close its end
+        self.server._io_thread.join(10)  # the I/O thread has noticed and closed its end
         return [(b"gone", Delta(id=i, text="x")) for i in range(2000)]
 
 
