@@ -25,6 +25,7 @@ class Route:
     dialect: str  # "openai", "ollama" or "seed" (FastAPI's {"detail": …}): the error shape its answers must have
     base: dict[str, Any]  # a valid body ({} for GET); "$model" stands for the served model's name
     fields: tuple[str, ...]  # the fields worth attacking (nested ones as "options.seed")
+    refused: int | None = None  # a route tandem refuses by design: this status (and the error shape) for every body
 
     def body(self, model: str) -> dict[str, Any]:
         return json.loads(json.dumps(self.base).replace('"$model"', json.dumps(model)))
@@ -54,6 +55,18 @@ ROUTES = (
            "stream", *OLLAMA_OPTIONS)),
     Route("POST", "/api/show", "ollama", {"model": "$model"}, ("model", "name", "verbose")),
     Route("POST", "/api/pull", "ollama", {"model": "$model", "stream": False}, ("model", "name", "stream", "insecure")),
+    Route("POST", "/v1/load_lora_adapter", "openai", {"lora_name": "fuzz", "lora_path": "/nonexistent/adapter"},
+          ("lora_name", "lora_path", "base_model_name", "load_inplace")),
+    Route("POST", "/v1/unload_lora_adapter", "openai", {"lora_name": "fuzz"}, ("lora_name", "lora_int_id")),
+    # Ollama's model-changing routes: 501 (Not Implemented, on purpose: tandem never changes its models) to any body
+    Route("POST", "/api/copy", "ollama", {"source": "$model", "destination": "copy"}, ("source", "destination"),
+          refused=501),
+    Route("POST", "/api/create", "ollama", {"model": "new", "from": "$model"},
+          ("model", "from", "files", "adapters", "template", "system", "parameters", "messages", "quantize", "stream"),
+          refused=501),
+    Route("DELETE", "/api/delete", "ollama", {"model": "$model"}, ("model", "name"), refused=501),
+    Route("POST", "/api/push", "ollama", {"model": "$model", "stream": False}, ("model", "name", "insecure", "stream"),
+          refused=501),
     Route("POST", "/v1/embeddings", "openai", {"model": "$model", "input": "Hi"},
           ("model", "input", "encoding_format", "dimensions", "keep_alive")),
     Route("POST", "/api/embed", "ollama", {"model": "$model", "input": ["Hi"]},
@@ -155,9 +168,13 @@ def encoded(body: Any) -> bytes:
 
 
 def check_answer(route: Route, response: httpx.Response) -> None:
-    """The properties every answer has: no 5xx; an error is the dialect's JSON error shape; a stream is framed."""
+    """The properties every answer has: no 5xx (a refused route: its one status); an error is the dialect's JSON error
+    shape; a stream is framed."""
     status, text = response.status_code, response.text
-    assert status < 500, f"{route.path}: {status} {text[:500]}"
+    if route.refused is not None:
+        assert status == route.refused, f"{route.path}: {status} {text[:500]}"
+    else:
+        assert status < 500, f"{route.path}: {status} {text[:500]}"
     if status >= 400:
         body = response.json()
         if route.dialect == "openai":
@@ -180,5 +197,7 @@ def check_answer(route: Route, response: httpx.Response) -> None:
         lines = [json.loads(line) for line in text.splitlines() if line]
         ends = lines[-1].get("status") == "success" if route.path == "/api/pull" else lines[-1].get("done") is True
         assert lines and (ends or "error" in lines[-1]), lines[-1:]
+    elif kind.startswith("text/plain"):  # vLLM's LoRA routes answer success as a line of text
+        assert text.startswith("Success: "), text[:500]
     else:
         json.loads(text)

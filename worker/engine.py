@@ -133,6 +133,14 @@ class Engine:
 
     def add(self, peer: bytes, request: Generate, ready: Callable[[Prepared], None]) -> list[Outgoing]:
         """Start taking a request in; `ready` is called (on the intake thread) with the result, to pass to admit()."""
+        try:
+            return self._add(peer, request, ready)
+        except Exception as exc:  # a bug: this request fails, the others run on (nothing was held yet)
+            logger.exception("request %d: taking it in failed", request.id)
+            message = f"the worker could not take this request in: {exc}"
+            return [(peer, Failed(id=request.id, code="internal", message=message))]
+
+    def _add(self, peer: bytes, request: Generate, ready: Callable[[Prepared], None]) -> list[Outgoing]:
         key = (peer, request.id)
         if key in self.preparing or self.scheduler.find(key) is not None:
             return [(peer, Failed(id=request.id, code="bad_request", message=f"request id {request.id} is in flight"))]
@@ -169,10 +177,20 @@ class Engine:
 
     def admit(self, prepared: Prepared) -> list[Outgoing]:
         """A request back from intake joins the queue (or fails)."""
-        peer, request_id = prepared.key
         arrived = self.preparing.pop(prepared.key, None)
         if arrived is None:
             return []  # aborted while at intake: its Done went out then
+        try:
+            return self._admit(prepared, arrived)
+        except Exception as exc:  # a bug: this request fails and gives back what it took, the others run on
+            logger.exception("request %d: queueing it failed", prepared.key[1])
+            if prepared.seq is not None:
+                self._discard(prepared.seq)
+            message = f"the worker could not queue this request: {exc}"
+            return [(prepared.key[0], Failed(id=prepared.key[1], code="internal", message=message))]
+
+    def _admit(self, prepared: Prepared, arrived: float) -> list[Outgoing]:
+        peer, request_id = prepared.key
         if prepared.seq is None:
             code: Any = prepared.error_code
             return [(peer, Failed(id=request_id, code=code, message=prepared.error))]
@@ -305,6 +323,15 @@ class Engine:
         self.scheduler.finish(seq)
         if seq.adapter_id and self.adapters.slots.has_stale:  # an unloaded adapter's last request: free its memory
             self.adapters.reclaim(self._adapters_in_use())
+
+    def _discard(self, seq: Sequence) -> None:
+        """A request that failed on its way into the queue: out of it if it got in, its blocks and adapter freed."""
+        if seq in self.scheduler.waiting or seq in self.scheduler.running:
+            self._end(seq)
+        else:
+            self.blocks.release(seq)
+            if seq.adapter_id and self.adapters.slots.has_stale:
+                self.adapters.reclaim(self._adapters_in_use())
 
     # -- LoRA adapters at run time ------------------------------------------------------------
 

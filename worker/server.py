@@ -7,7 +7,8 @@ engine to its intake thread and comes back through the same queue, ready to sche
 
 Every request that reaches the worker ends with exactly one Done or Failed: a frame that does not decode is
 answered with Failed when its id can be read; a gateway that vanishes or stays silent past `peer_timeout`
-has its requests aborted (and told so, should it wake up); a step that fails ends the requests it ran.
+has its requests aborted (and told so, should it wake up); a step that fails ends the requests it ran; an engine that
+raises while taking one request in fails that request alone.
 
 Between hosts (tcp://) the socket speaks CURVE: encrypted, and only gateways whose public key is in the
 authorized folder get in. Over ipc:// the socket file is readable by its owner only.
@@ -22,7 +23,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 import msgspec
 import zmq
@@ -52,7 +53,8 @@ class PeerGone:
     reason: str
 
 
-Inbound = tuple[bytes, Generate | Embed | Abort | PeerGone | Prepared | LoadAdapter | UnloadAdapter | AdapterRead]
+Message = Generate | Embed | Abort | PeerGone | Prepared | LoadAdapter | UnloadAdapter | AdapterRead
+Inbound = tuple[bytes, Message]
 
 
 class WorkerServer:
@@ -128,28 +130,42 @@ class WorkerServer:
             return
         while True:
             peer, message = item
-            match message:
-                case Generate():
-                    self._send(outbox, self.engine.add(peer, message, ready=functools.partial(self._ready, peer)))
-                case Embed():
-                    self._send(outbox, self.engine.embed(peer, message))
-                case Prepared():
-                    self._send(outbox, self.engine.admit(message))
-                case Abort(id=request_id):
-                    self._send(outbox, self.engine.abort(peer, request_id))
-                case PeerGone(reason=reason):
-                    self._send(outbox, self.engine.abort_peer(peer, reason))
-                case LoadAdapter():
-                    self._send(outbox, self.engine.load_adapter(peer, message, functools.partial(self._ready, peer)))
-                case AdapterRead():
-                    self._send(outbox, self.engine.adapter_read(peer, message))
-                case UnloadAdapter():
-                    self._send(outbox, self.engine.unload_adapter(peer, message))
+            try:
+                events = self._handle(peer, message)
+            except Exception as exc:
+                request = _request_of(peer, message)
+                if request is None:
+                    raise  # an abort or an adapter change half done: the engine's books are unknown, restart
+                logger.exception("request %d: the engine failed on it; failing it alone", request[1])
+                failed = Failed(id=request[1], code="internal", message=f"the worker failed on this request: {exc}")
+                events = [(request[0], failed)]
+            self._send(outbox, events)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 break
         self.info = encode(self.engine.info())
+
+    def _handle(self, peer: bytes, message: Message) -> list[Outgoing]:
+        match message:
+            case Generate():
+                return self.engine.add(peer, message, ready=functools.partial(self._ready, peer))
+            case Embed():
+                return self.engine.embed(peer, message)
+            case Prepared():
+                return self.engine.admit(message)
+            case Abort(id=request_id):
+                return self.engine.abort(peer, request_id)
+            case PeerGone(reason=reason):
+                return self.engine.abort_peer(peer, reason)
+            case LoadAdapter():
+                return self.engine.load_adapter(peer, message, functools.partial(self._ready, peer))
+            case AdapterRead():
+                return self.engine.adapter_read(peer, message)
+            case UnloadAdapter():
+                return self.engine.unload_adapter(peer, message)
+            case _:
+                assert_never(message)
 
     def _ready(self, peer: bytes, prepared: Prepared | AdapterRead) -> None:
         """Called on the intake thread: back to the engine loop, through the queue everything else takes."""
@@ -274,6 +290,16 @@ class WorkerServer:
                 self._unreachable.add(peer)
                 logger.warning("gateway %s unreachable: aborting its requests", peer.hex())
                 self.inbox.put((peer, PeerGone("the gateway disconnected")))
+
+
+def _request_of(peer: bytes, message: Message) -> tuple[bytes, int] | None:
+    """The one request a message stands for, if it stands for one: a failure handling it fails that request alone."""
+    match message:
+        case Generate(id=request_id) | Embed(id=request_id):
+            return peer, request_id
+        case Prepared(key=key):
+            return key
+    return None
 
 
 def _request_id_of(frame: bytes) -> int | None:

@@ -129,6 +129,19 @@ def test_running_gauge_returns_to_zero_after_20_disconnects(guarded: Server) -> 
     assert total(after, "tandem:gateway_requests_in_flight") == 0
 
 
+def wait_draining(server: Server, timeout: float = 120.0) -> None:
+    """Until /health says the gateway drains (503) or its listener is closed; the deadline only catches a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=10).status_code == 503:
+                return
+        except httpx.TransportError:
+            return
+        assert time.monotonic() < deadline, "the gateway never began draining after SIGTERM"
+        time.sleep(0.05)  # the poll's pace, not a wait for the event
+
+
 def test_sigterm_mid_stream_lets_the_stream_finish(tmp_path_factory: pytest.TempPathFactory) -> None:
     # A long grace: on a busy CPU 32 tokens can take a while; what matters is that they all arrive.
     server = start_server(tmp_path_factory.mktemp("sigterm"), "--log-format=json", "--grace-period=120")
@@ -141,9 +154,10 @@ def test_sigterm_mid_stream_lets_the_stream_finish(tmp_path_factory: pytest.Temp
             for _ in range(3):
                 next(lines)
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
-            try:  # by now the gateway has closed its listener, or tells a late request it is draining
-                late = httpx.post(url, json={"model": model, "messages": HI}, timeout=10)
+            wait_draining(server)
+            try:  # the gateway has closed its listener, or tells a late request it is draining
+                late_body = {"model": model, "messages": HI, "max_tokens": 4, "temperature": 0}
+                late = httpx.post(url, json=late_body, timeout=10)
                 assert late.status_code == 503 and late.json()["error"]["code"] == "service_unavailable"
             except httpx.TransportError:
                 pass

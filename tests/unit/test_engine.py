@@ -4,6 +4,7 @@ one request's intake or output, an abort at any stage, a gateway that vanishes â
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -132,6 +133,37 @@ def test_a_failing_intake_fails_that_request_only(engine: Engine, monkeypatch: p
     assert isinstance(good, Done)
 
 
+def test_intake_runs_off_the_step_loop(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request stuck at intake (a slow template, tokenizer or grammar) holds up no stream already decoding."""
+    client = Client(engine)
+    client.add(chat(1))  # already queued: it runs while request 2 is taken in
+    prepare = engine.intake.prepare
+    entered, release = threading.Event(), threading.Event()
+
+    def blocks_for_two(key: Any, request: Generate) -> Any:
+        if request.id == 2:
+            entered.set()
+            assert release.wait(60), "the test never released the intake"
+        return prepare(key, request)
+
+    monkeypatch.setattr(engine.intake, "prepare", blocks_for_two)
+    client.add(chat(2), admit=False)
+    try:
+        assert entered.wait(30), "request 2 never reached intake"
+        for _ in range(8):  # request 1's whole answer, while request 2 is still inside intake
+            client.take(engine.step())
+        *deltas, done = client.events[(PEER, 1)]
+        assert len(deltas) > 1 and all(isinstance(e, Delta) for e in deltas)
+        assert isinstance(done, Done) and done.usage.completion_tokens == 8
+        assert client.ready.empty() and (PEER, 2) in engine.preparing and client.events[(PEER, 2)] == []
+    finally:
+        release.set()
+    client.take(engine.admit(client.ready.get(timeout=30)))
+    client.run()
+    [end] = client.ends()[(PEER, 2)]
+    assert isinstance(end, Done) and end.usage.completion_tokens == 8
+
+
 def test_a_failing_output_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     client = Client(engine)
     append = engine.output.append
@@ -148,6 +180,59 @@ def test_a_failing_output_fails_that_request_only(engine: Engine, monkeypatch: p
     [bad], [good] = client.ends()[(PEER, 1)], client.ends()[(PEER, 2)]
     assert isinstance(bad, Failed) and "bad bytes" in bad.message
     assert isinstance(good, Done) and good.usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize("queued_first", [False, True], ids=["before-queueing", "after-queueing"])
+def test_a_failing_admission_fails_that_request_only(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, queued_first: bool
+) -> None:
+    client = Client(engine)
+    client.add(chat(1))  # a neighbour already queued
+    add = engine.scheduler.add
+
+    def fails_for_two(seq: Any) -> None:
+        if seq.key[1] == 2:
+            if queued_first:  # a bug half way: the request got into the queue before the error
+                add(seq)
+            raise KeyError("simulated scheduler bug")
+        add(seq)
+
+    monkeypatch.setattr(engine.scheduler, "add", fails_for_two)
+    client.add(chat(2))
+    client.add(chat(3))  # a neighbour after it
+    client.run()
+    ends = client.ends()
+    [bad] = ends[(PEER, 2)]
+    assert isinstance(bad, Failed) and bad.code == "internal" and "simulated scheduler bug" in bad.message
+    assert [type(e) for e in client.events[(PEER, 2)]] == [Failed]  # it never ran
+    for request_id in (1, 3):
+        [good] = ends[(PEER, request_id)]
+        assert isinstance(good, Done) and good.usage.completion_tokens == 8
+    assert not engine.has_work() and not engine.preparing and engine.blocks.num_used == 0
+
+
+def test_a_failing_add_fails_that_request_only(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = Client(engine)
+    submit = engine._intake_thread.submit
+    calls = {"n": 0}
+
+    def fails_once(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TypeError("simulated intake queue bug")
+        return submit(*args)
+
+    monkeypatch.setattr(engine._intake_thread, "submit", fails_once)
+    client.add(chat(1), admit=False)
+    client.add(chat(2))
+    client.run()
+    [bad], [good] = client.ends()[(PEER, 1)], client.ends()[(PEER, 2)]
+    assert isinstance(bad, Failed) and bad.code == "internal" and "simulated intake queue bug" in bad.message
+    assert isinstance(good, Done) and good.usage.completion_tokens == 8
+    assert not engine.preparing and engine.blocks.num_used == 0
+    client.add(chat(1))  # the id is free again
+    client.run()
+    assert [type(e) for e in client.ends()[(PEER, 1)]] == [Failed, Done]
 
 
 def test_abort_at_each_stage_ends_once(engine: Engine) -> None:

@@ -19,7 +19,7 @@ from tiny_model import tiny_engine
 
 from tests.fuzzing import RAW_BODIES, ROUTES, Route, check_answer, encoded, mutated
 
-EXAMPLES_PER_ROUTE = 60
+EXAMPLES_PER_ROUTE = 45
 FUZZ = settings(
     max_examples=EXAMPLES_PER_ROUTE,
     derandomize=True,  # one verdict every run; the long random run is bench/fuzz.py

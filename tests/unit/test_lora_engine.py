@@ -178,3 +178,24 @@ def test_load_and_unload_at_run_time(tokenizer: Any, adapter_dirs: dict[str, Pat
     assert bad.code == "bad_request" and "not a PEFT adapter folder" in bad.message
     clash = loader.load(5, "TINY", adapter_dirs["one"])
     assert clash.code == "bad_request" and "name of the model itself" in clash.message
+
+
+def test_a_failing_admission_gives_back_its_adapter(
+    tokenizer: Any, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = tiny_engine(tokenizer, max_model_len=128)
+    loader = Loader(engine)
+    assert loader.load(1, "late", adapter_dirs["one"]) == Ack(1)
+    client = Client(engine)
+    client.add(with_adapter(chat(10), "late"), admit=False)
+    assert loader.unload(2, "late") == Ack(2)  # while the request is at intake: its admission places it last
+
+    def fails(seq: Any) -> None:
+        raise RuntimeError("simulated scheduler bug")
+
+    monkeypatch.setattr(engine.scheduler, "add", fails)
+    client.take(engine.admit(client.ready.get(timeout=30)))
+    [end] = client.ends()[PEER, 10]
+    assert isinstance(end, Failed) and end.code == "internal" and "simulated scheduler bug" in end.message
+    assert engine.runner.loras[1] is None and not engine.adapters.slots.resident  # the unloaded adapter's memory freed
+    assert not engine.has_work() and not engine.preparing

@@ -15,11 +15,10 @@ from worker.gguf_weights import decode, read_gguf_weights
 from worker.models import LoadedModel, default_model_path
 from worker.quant import QuantLinear, QuantWeight, kernel_works, quantize_int4, quantize_int8, quantize_model
 
-RNG = np.random.default_rng(0)
-
 
 def weight(rows: int = 64, cols: int = 512) -> np.ndarray:
-    values = (RNG.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+    """The same values every run, whichever tests run before it (a seeded generator of its own)."""
+    values = (np.random.default_rng(0).standard_normal((rows, cols)) * 0.05).astype(np.float32)
     values[3, 7] = 0.9  # an outlier, as real weights have
     return values
 
@@ -66,8 +65,9 @@ def test_kernel_matches_a_dense_matmul_of_the_same_weight(bits: int, dtype: torc
     dense = torch.from_numpy(weight(96, 256))
     quantized = quantize_int8(dense) if bits == 8 else quantize_int4(dense)
     assert kernel_works(quantized)
-    bias, residual = torch.randn(96).to(dtype), torch.randn(5, 96).to(dtype)
-    x = torch.randn(5, 256).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    bias, residual = torch.randn(96, generator=generator).to(dtype), torch.randn(5, 96, generator=generator).to(dtype)
+    x = torch.randn(5, 256, generator=generator).to(dtype)
     out = QuantLinear([quantized], bias, dtype)(x, residual)
     assert out.dtype == dtype
     # The kernels take bf16 activations and scales; the reference is the same computation in float32.
@@ -79,14 +79,15 @@ def test_kernel_matches_a_dense_matmul_of_the_same_weight(bits: int, dtype: torc
 
 def test_fused_parts_of_different_kinds_run_one_kernel_each() -> None:
     """Q4_K_M keeps attn_v at 6 bits (int8 here) beside q and k in Q4_K (int4): the fused qkv splits its calls."""
+    generator = torch.Generator().manual_seed(0)
     parts = [
-        quantize_int4(torch.randn(64, 128)),
-        quantize_int4(torch.randn(32, 128)),
-        quantize_int8(torch.randn(32, 128)),
+        quantize_int4(torch.randn(64, 128, generator=generator)),
+        quantize_int4(torch.randn(32, 128, generator=generator)),
+        quantize_int8(torch.randn(32, 128, generator=generator)),
     ]
     linear = QuantLinear(parts, None, torch.float32)
     assert [k.name for k in linear.kernels] == ["int4 g32 (int4)", "int8 (int8)"]
-    x = torch.randn(3, 128)
+    x = torch.randn(3, 128, generator=generator)
     expected = x.bfloat16().float() @ torch.cat([p.dequantize() for p in parts]).t()
     torch.testing.assert_close(linear(x), expected, atol=0.1, rtol=0.02)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +29,7 @@ class StoppedMidStep(ScriptedEngine):
     def step(self) -> list[tuple[bytes, Any]]:
         assert self.server is not None
         self.server.stop()
-        time.sleep(0.5)  # long enough for the I/O thread to notice and close its end
+        self.server._io_thread.join(10)  # the I/O thread has noticed and closed its end
         return [(b"gone", Delta(id=i, text="x")) for i in range(2000)]
 
 
@@ -94,6 +93,28 @@ def test_a_silent_gateway_has_its_requests_aborted_and_is_told_why() -> None:
         thread.join(10)
     assert isinstance(ends[0], Failed) and ends[0].id == 3 and ends[0].code == "unavailable"
     assert engine.aborted == [3] and not engine.has_work()
+
+
+class BreaksOnOneRequest(ScriptedEngine):
+    def add(self, peer: bytes, request: Generate, ready: Any = None) -> list[tuple[bytes, Any]]:
+        if request.prompt == "bug":
+            raise KeyError("simulated engine bug")
+        return super().add(peer, request, ready)
+
+
+def test_an_engine_that_raises_on_one_request_fails_it_alone() -> None:
+    address = ipc_address()
+    engine = BreaksOnOneRequest()
+    with serve_worker(engine, address), dealer(address) as gateway:
+        for request_id, prompt in ((1, "hi"), (2, "bug"), (3, "hi")):
+            gateway.send(encode(Generate(id=request_id, model=MODEL, prompt=prompt)))
+        events: dict[int, list[Any]] = {1: [], 2: [], 3: []}
+        while sum(isinstance(e, Done | Failed) for batch in events.values() for e in batch) < 3:
+            event = receive(gateway)
+            events[event.id].append(event)
+    assert [type(e) for e in events[2]] == [Failed]
+    assert events[2][0].code == "internal" and "simulated engine bug" in events[2][0].message
+    assert [type(e) for e in events[1]] == [type(e) for e in events[3]] == [Delta] * 5 + [Done]  # the worker went on
 
 
 class BreaksOnStep(ScriptedEngine):
