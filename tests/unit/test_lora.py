@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
@@ -18,7 +19,6 @@ from worker.lora import LoraShapes, LoraWeights, load_lora
 from worker.quant import quantize_model
 from worker.runner import ModelRunner, SeqChunk
 
-peft = pytest.importorskip("peft")
 # PEFT 0.21 still asks transformers 5 for the deprecated `is_gradient_checkpointing`.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import peft
 import pytest
 from test_engine import PEER, Client, chat
 from tiny_model import fallback_loaded, tiny_engine, tiny_loaded
@@ -17,7 +18,6 @@ from common.protocol import Ack, Done, Failed, Generate, LoadAdapter, UnloadAdap
 from worker.engine import Engine, EngineConfig
 from worker.lora_slots import AdapterRead
 
-peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
