@@ -42,13 +42,24 @@ def test_batch_through_a_running_server(server: Server, tmp_path: Path) -> None:
         chat_line("a"),
         chat_line("b"),
         {"custom_id": "text", "method": "POST", "url": "/v1/completions", "body": completion},
-        {"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {}},
+        {
+            "custom_id": "embed",
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "all-MiniLM-L6-v2", "input": "hello"},
+        },
+        {"custom_id": "empty", "method": "POST", "url": "/v1/embeddings", "body": {}},
+        {"custom_id": "bad", "method": "POST", "url": "/v1/moderations", "body": {}},
     ]
     answers = run_batch(tmp_path, lines, "--url", server.base_url)
     a, b = (answers[key]["response"] for key in "ab")
     assert a["status_code"] == b["status_code"] == 200 and a["request_id"]  # type: ignore[index]
     assert a["body"]["choices"][0]["message"] == b["body"]["choices"][0]["message"]  # type: ignore[index]  # greedy
     assert answers["text"]["response"]["body"]["object"] == "text_completion"  # type: ignore[index]
+    embedding = answers["embed"]["response"]["body"]["data"][0]["embedding"]  # type: ignore[index]
+    assert len(embedding) == 384  # all-MiniLM-L6-v2, loaded on demand by the server's registry
+    empty = answers["empty"]["response"]
+    assert empty["status_code"] == 400 and empty["body"]["error"]["param"] == "model"  # type: ignore[index]
     assert answers["bad"]["response"] is None and answers["bad"]["error"]["code"] == "invalid_request"  # type: ignore[index]
 
 
