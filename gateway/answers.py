@@ -228,6 +228,7 @@ class Health(Doc):
     uptime_s: float
     workers: list[dict[str, Any]]
     loaded: list[dict[str, Any]]  # each loaded model: its workers' addresses, expires_at, size
+    discovery: dict[str, list[str]]  # the worker addresses each discovery source (--worker-dns, --worker-ray) saw last
 
 
 class Liveness(Doc):
