@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tests.prequantized_writer import write_checkpoint as write_tiny
+from worker.catalog import read_entry
 from worker.models import LoadedModel, load_model
 from worker.prequantized import load_prequantized, quant_method
 from worker.runner import ModelRunner, SeqChunk, _SplitLinear
@@ -87,6 +88,8 @@ def test_load_model_serves_a_gptq_folder_and_labels_it(tmp_path: Path, loaded_fp
     loaded = load_model(str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path / "cache")
     card = loaded.card()
     assert (card.format, card.quantization) == ("gptq", "GPTQ-INT4")
+    listed = read_entry(None, str(tmp_path)).card  # what /api/tags and /api/ps show before and while it is loaded
+    assert (listed.format, listed.quantization) == (card.format, card.quantization)
     assert len(loaded.quantized) == 14
     dense = load_model(str(tmp_path), device="cpu", dtype="float32", cache_dir=tmp_path / "cache", quantize="none")
     assert dense.quantized == {} and dense.card().quantization == ""
