@@ -142,3 +142,27 @@ def write_method(model: torch.nn.Module, tokenizer: Any, folder: Path, name: str
             model.generation_config.save_pretrained(temporary)
         temporary.rename(dest)
     return dest
+
+
+# -- the default model, packed: what tests/e2e and bench/quality.py serve and measure --------------------------------
+
+SYNTHETIC = {"GPTQ": "gptq", "AWQ": "awq", "compressed-tensors": "compressed-tensors"}  # format name: quant_method
+# The tools' usual group of 128 does not divide SmolLM2-135M's 576-wide rows; 64 does (and is not Q4_1's 32).
+SYNTHETIC_GROUP = 64
+
+
+def write_default_model(folder: Path, format_names: list[str], cache_dir: Path) -> list[Path]:
+    """`folder/SmolLM2-135M-Instruct-<format>` per name (keys of SYNTHETIC): the default model's weights (the shipped
+    Q4_1 file dequantized to fp32, converted through `cache_dir`) packed in that layout, each written once."""
+    from worker.models import default_model_path, load_model
+
+    stem = default_model_path().stem.rsplit(".", 1)[0]
+    paths = [folder / f"{stem}-{name}" for name in format_names]
+    loaded = None
+    for name, path in zip(format_names, paths, strict=True):
+        if not (path / "config.json").is_file():
+            if loaded is None:  # ~10 s: only when one is missing
+                loaded = load_model(None, device="cpu", dtype="float32", cache_dir=cache_dir, quantize="none")
+            folder.mkdir(parents=True, exist_ok=True)
+            write_method(loaded.model, loaded.tokenizer, folder, path.name, SYNTHETIC[name], SYNTHETIC_GROUP)
+    return paths
