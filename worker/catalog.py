@@ -37,6 +37,8 @@ DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
 CHAT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # Encoders that transformers' AutoModel loads and worker/embedder.py pools.
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "nomic_bert", "modernbert")
+# `quant_method`s of the checkpoints worker/prequantized.py reads.
+PREQUANTIZED = ("gptq", "awq", "compressed-tensors")
 # llama.cpp names files like "Model-7B.Q4_K_M.gguf"; the suffix is the quantization.
 QUANT_SUFFIX = re.compile(r"[.\-_](?P<quant>(?:I?Q\d\w*|FP?16|FP?32|BF16))$", re.IGNORECASE)
 
@@ -181,9 +183,9 @@ def folder_card(name: str, folder: Path) -> ModelCard:
         "family": model_type,
         "num_parameters": sum(_safetensors_parameters(path) for path in weights),
         "size_bytes": source.get("size_bytes") or sum(path.stat().st_size for path in weights),
-        "quantization": source.get("quantization", ""),
+        "quantization": source.get("quantization") or prequantized_label(config),
         "dtype": str(config.get("dtype") or config.get("torch_dtype") or ""),
-        "format": source.get("format", "safetensors"),
+        "format": source.get("format") or prequantized_method(config) or "safetensors",
         "vocab_size": int(config.get("vocab_size") or 0),
     }
     if (folder / "modules.json").is_file() or model_type in ENCODER_TYPES:
@@ -202,6 +204,25 @@ def folder_card(name: str, folder: Path) -> ModelCard:
         chat_template=template,
         capabilities=template_capabilities(template),
     )
+
+
+def prequantized_method(config: dict[str, Any]) -> str:
+    """A GPTQ, AWQ or compressed-tensors checkpoint's `quant_method` (as worker/prequantized.py reads it), else ""."""
+    quantization = config.get("quantization_config")
+    method = str(quantization.get("quant_method", "")).lower() if isinstance(quantization, dict) else ""
+    return method if method in PREQUANTIZED else ""
+
+
+def prequantized_label(config: dict[str, Any]) -> str:
+    """What the worker labels such a checkpoint once loaded (`GPTQ-INT4`), from its config; "" for any other."""
+    method = prequantized_method(config)
+    if not method:
+        return ""
+    quantization = config["quantization_config"]
+    bits = quantization.get("bits", quantization.get("w_bit"))
+    for group in (quantization.get("config_groups") or {}).values():  # compressed-tensors: per group of layers
+        bits = max(int(bits or 0), int(((group or {}).get("weights") or {}).get("num_bits") or 0))
+    return f"{method.upper()}-INT{bits or 4}"
 
 
 def folder_chat_template(folder: Path) -> str:

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from worker.catalog import PREQUANTIZED
 from worker.quant import INT4_GROUPS, QuantWeight
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("gptq", "awq", "compressed-tensors")
+METHODS = PREQUANTIZED  # the catalog labels them without torch
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AWQ int32 holds output column AWQ_ORDER[i] of its 8
 
 

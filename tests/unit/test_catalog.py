@@ -67,6 +67,20 @@ def test_a_folder_card_from_config_template_and_safetensors_header(tmp_path: Pat
     assert (card.dtype, card.format, card.vocab_size) == ("bfloat16", "safetensors", 100)
 
 
+def test_a_prequantized_folder_card_names_its_method_and_bits(tmp_path: Path) -> None:
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    awq = {"quant_method": "awq", "w_bit": 4}
+    weights = {"num_bits": 8, "type": "int", "strategy": "channel"}
+    compressed = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": weights}}}
+    other = {"quant_method": "bitsandbytes", "load_in_4bit": True}  # not one the worker reads: dense, as before
+    labels = []
+    for index, quantization in enumerate((gptq, awq, compressed, other)):
+        card = read_entry(None, str(hf_folder(tmp_path / str(index), quantization_config=quantization))).card
+        labels.append((card.format, card.quantization))
+    assert labels == [("gptq", "GPTQ-INT4"), ("awq", "AWQ-INT4"), ("compressed-tensors", "COMPRESSED-TENSORS-INT8"),
+                      ("safetensors", "")]  # fmt: skip
+
+
 def test_an_encoder_folder_is_an_embedding_model(tmp_path: Path) -> None:
     folder = hf_folder(tmp_path / "enc", "bert", hidden_size=384, max_position_embeddings=512)
     (folder / "modules.json").write_text("[]")
