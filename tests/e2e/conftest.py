@@ -72,7 +72,15 @@ class Server:
         return self.process.returncode
 
 
+# The KV cache a test server gets unless it names one: ~23,000 tokens, far more than any test here holds at once. The
+# launcher refuses to load a model whose estimate (weights + KV + 1 GiB) exceeds MemAvailable, as Ollama does; the
+# 2 GiB default made that estimate 3.3 GiB, which two suites running at once on this 24 GiB machine ran out of.
+TEST_KV = "--worker-arg=--kv-cache-bytes=536870912"
+
+
 def start_server(log_dir: Path, *extra: str) -> Server:
+    if not any("--kv-cache-bytes" in arg for arg in extra):
+        extra = (*extra, TEST_KV)
     port = free_port()
     log_path = log_dir / f"launcher-{port}.log"
     command = [sys.executable, "launcher.py", "--port", str(port), "--grace-period", "10", *extra]
