@@ -3,8 +3,10 @@
 Per format: perplexity on all of tests/data/perplexity.txt (teacher-forced through the decode path) for the dense
 reference and the integer kernels, and greedy agreement over the 16 prompts of tests/quality.py (share of positions
 where the kernels pick the reference's token when fed the reference's tokens, and prompts whose free-running
-greedy output is identical). A GGUF file's reference is its own dequantization (`--quantize none`); the Q8_0,
-Q4_0, Q4_K_M and Q6_K files are re-encoded from the shipped Q4_1 file (tests/gguf_writer.py) into --files-dir.
+greedy output is identical). A GGUF file's or a GPTQ/AWQ/compressed-tensors checkpoint's reference is its own
+dequantization (`--quantize none`); the Q8_0, Q4_0, Q4_K_M and Q6_K files are re-encoded from the shipped Q4_1 file
+(tests/gguf_writer.py), the GPTQ, AWQ and compressed-tensors checkpoints packed from its weights
+(tests/prequantized_writer.py: the tools' layouts, round-to-nearest values), into --files-dir.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.gguf_writer import write_file_type  # noqa: E402
+from tests.prequantized_writer import SYNTHETIC, write_default_model  # noqa: E402
 from tests.quality import PROMPTS, TEXT, agreement, dense_gguf_model, greedy, perplexity, runner_for  # noqa: E402
 from worker.gguf_weights import read_gguf_weights  # noqa: E402
 from worker.models import default_model_path, load_model  # noqa: E402
+from worker.prequantized import load_prequantized  # noqa: E402
 from worker.quant import quantize_model  # noqa: E402
 
-FORMATS = ["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "int8", "int4"]
+FORMATS = ["Q4_1", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "int8", "int4", *SYNTHETIC]
 
 
 def main() -> int:
@@ -37,9 +41,8 @@ def main() -> int:
     parser.add_argument("--files-dir", type=Path, default=Path.home() / ".cache" / "tandem" / "quality")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    loaded = load_model(
-        None, device="cpu", dtype="float32", quantize="none", cache_dir=Path.home() / ".cache" / "tandem"
-    )
+    cache = Path.home() / ".cache" / "tandem"
+    loaded = load_model(None, device="cpu", dtype="float32", quantize="none", cache_dir=cache)
     base = copy.deepcopy(loaded.model).to(dtype)
     text = loaded.tokenizer.encode(TEXT.read_text())
     text = text[: args.tokens] if args.tokens else text
@@ -51,6 +54,10 @@ def main() -> int:
         started = time.perf_counter()
         if name in ("int8", "int4"):
             reference, quantized, what = base, quantize_model(base, name), "dense bf16 (Q4_1 dequantized)"
+        elif name in SYNTHETIC:
+            [folder] = write_default_model(args.files_dir, [name], cache)
+            reference, quantized, _ = load_prequantized(folder, dtype)
+            what = "its dequantization"
         else:
             path = default_model_path()
             if name != "Q4_1":

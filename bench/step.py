@@ -6,7 +6,8 @@ column. Repeat: `.venv/bin/python bench/step.py --dtypes float32 bfloat16 --batc
 `.venv/bin/python bench/step.py --dtypes bfloat16 --formats dense Q4_1 Q8_0 Q4_K_M int8 int4`.
 
 Formats: dense (the GGUF file dequantized, `--quantize none`), a GGUF type (the shipped Q4_1 file's own tensors, or
-one of tests/gguf_writer.py's re-encodings, written once into ~/.cache/tandem/quality), int8/int4 (`--quantize`).
+one of tests/gguf_writer.py's re-encodings, written once into ~/.cache/tandem/quality), int8/int4 (`--quantize`),
+GPTQ/AWQ/compressed-tensors (the dense weights packed by tests/prequantized_writer.py, written there too).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.gguf_writer import FILE_TYPES, write_file_type  # noqa: E402
+from tests.prequantized_writer import SYNTHETIC, write_default_model  # noqa: E402
 from worker.gguf_weights import read_gguf_weights  # noqa: E402
 from worker.malloc import keep_freed_memory  # noqa: E402
 from worker.models import DTYPES, default_model_path, load_model  # noqa: E402
+from worker.prequantized import load_prequantized  # noqa: E402
 from worker.quant import QuantWeight, quantize_model  # noqa: E402
 from worker.runner import ModelRunner, SeqChunk  # noqa: E402
 
@@ -58,6 +61,9 @@ def quantized_weights(model: torch.nn.Module, name: str, cache: Path) -> dict[st
         return {}
     if name in ("int8", "int4"):
         return quantize_model(model, name)
+    if name in SYNTHETIC:
+        [folder] = write_default_model(cache / "quality", [name], cache)
+        return load_prequantized(folder, next(model.parameters()).dtype)[1]
     path = default_model_path() if name == "Q4_1" else write_file_type(default_model_path(), cache / "quality", name)
     return read_gguf_weights(path, model.config)  # type: ignore[arg-type]
 
@@ -65,7 +71,7 @@ def quantized_weights(model: torch.nn.Module, name: str, cache: Path) -> dict[st
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-    formats = ["dense", "Q4_1", *FILE_TYPES, "int8", "int4"]
+    formats = ["dense", "Q4_1", *FILE_TYPES, "int8", "int4", *SYNTHETIC]
     parser.add_argument("--formats", nargs="+", default=["dense"], choices=formats, help="weight formats")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--context", type=int, default=200, help="cached tokens per decoding sequence")

@@ -88,7 +88,7 @@ def test_each_format_answers_both_dialects_and_says_what_it_runs(quant_server: S
     body = openai.json()
     answer, usage = body["choices"][0]["message"]["content"], body["usage"]
     # On topic, not noise; not always right: the written Q4_K_M file answers "L'Étoile (The City of Love) is the
-    # capital of France" (re-quantized 4-bit weights of a 135M model), the others "... is Paris."
+    # capital of France" (re-quantized 4-bit weights of a 135M model); the others name Paris.
     assert body["model"] == model and ("Paris" in answer or "France" in answer), body
     assert 0 < usage["completion_tokens"] <= MAX_TOKENS and usage["prompt_tokens"] > 20
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
