@@ -72,6 +72,13 @@ class Server:
         return self.process.returncode
 
 
+# httpx's default timeout is 5 s, and most calls here take the default: under two suites at once on 2 cores, a short
+# generation took longer (a 4-token /api/chat measured 5.0 s: the client gave up, the test failed). Waits are
+# deadlines for hangs here, never timing assertions, so every default becomes 120 s. The default is one shared
+# Timeout object that httpx's functions and clients take as their default argument, hence the change in place.
+_HTTPX_DEFAULT = httpx._config.DEFAULT_TIMEOUT_CONFIG
+_HTTPX_DEFAULT.connect = _HTTPX_DEFAULT.read = _HTTPX_DEFAULT.write = _HTTPX_DEFAULT.pool = 120.0
+
 # The KV cache a test server gets unless it names one: ~23,000 tokens, far more than any test here holds at once. The
 # launcher refuses to load a model whose estimate (weights + KV + 1 GiB) exceeds MemAvailable, as Ollama does; the
 # 2 GiB default made that estimate 3.3 GiB, which two suites running at once on this 24 GiB machine ran out of.
