@@ -79,6 +79,11 @@ class Server:
 _HTTPX_DEFAULT = httpx._config.DEFAULT_TIMEOUT_CONFIG
 _HTTPX_DEFAULT.connect = _HTTPX_DEFAULT.read = _HTTPX_DEFAULT.write = _HTTPX_DEFAULT.pool = 120.0
 
+# The session's shared servers keep their model loaded: with the default keep_alive (5 min) a model unloads while
+# other modules run, and the seed routes then rightly say `model_loaded: false` (their documented answer is true):
+# a verdict that depended on how long the modules in between took.
+KEEP_LOADED = "--keep-alive=-1"
+
 # The KV cache a test server gets unless it names one: ~23,000 tokens, far more than any test here holds at once. The
 # launcher refuses to load a model whose estimate (weights + KV + 1 GiB) exceeds MemAvailable, as Ollama does; the
 # 2 GiB default made that estimate 3.3 GiB, which two suites running at once on this 24 GiB machine ran out of.
@@ -105,7 +110,9 @@ def start_server(log_dir: Path, *extra: str) -> Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One tandem shared by the tests that leave it as they found it."""
-    server = start_server(tmp_path_factory.mktemp("tandem"), "--worker-arg=--max-running=16", SEED_MAX_TOKENS)
+    server = start_server(
+        tmp_path_factory.mktemp("tandem"), "--worker-arg=--max-running=16", SEED_MAX_TOKENS, KEEP_LOADED
+    )
     yield server
     assert server.stop() == 0, server.log()
 
@@ -176,6 +183,7 @@ def thinking_server(server: Server, tmp_path_factory: pytest.TempPathFactory) ->
         "--worker-arg=--param=temperature=0",  # greedy where a request leaves it unset (the seed routes): one verdict
         "--gateway-arg=--reasoning-field",
         SEED_MAX_TOKENS,
+        KEEP_LOADED,
     )
     yield thinking
     assert thinking.stop() == 0, thinking.log()
