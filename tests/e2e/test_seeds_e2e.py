@@ -139,7 +139,8 @@ def test_invalid_bodies_are_422_and_info_comes_from_the_worker(server: Server) -
     assert out_of_range.status_code == 422 and isinstance(out_of_range.json()["detail"], list)
     info = httpx.get(f"{server.base_url}/api/v1/model/info", timeout=10).json()
     health = httpx.get(f"{server.base_url}/health", timeout=10).json()
-    [worker] = health["workers"]
+    # the chat model's worker (an earlier module may have loaded the embedding model on this shared server too)
+    [worker] = [w for w in health["workers"] if info["model_name"] in w["models"]]
     assert info["device"] == worker["device"] and info["model_size"] > 0
     assert health["memory"]["used_bytes"] > 0 and health["memory"]["total_bytes"] > health["memory"]["used_bytes"]
     loaded = httpx.post(f"{server.base_url}/api/v1/model/load", timeout=10)
