@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from common.cpu import cpu_has_bf16
 from worker.catalog import Entry
 
 logger = logging.getLogger("launcher")
@@ -31,16 +32,6 @@ def estimate(entry: Entry, *, on_gpu: bool, dtype: str, kv_cache_bytes: int) -> 
     weights = card.num_parameters * per_parameter or card.size_bytes
     kv = 0 if entry.is_embedding or on_gpu else kv_cache_bytes
     return weights + kv + PROCESS_BYTES
-
-
-def cpu_has_bf16() -> bool:
-    """As worker.models.cpu_has_bf16 (which imports torch): dtype auto is bf16 only with these units."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def free_ram() -> int:

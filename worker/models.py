@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from common.cpu import cpu_has_bf16
 from common.protocol import GenerationDefaults, ModelCard
 from worker.catalog import QUANT_SUFFIX, template_capabilities
 from worker.prequantized import load_prequantized, quant_method
@@ -158,16 +159,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     return torch.float32
-
-
-def cpu_has_bf16() -> bool:
-    """Without AVX512-BF16 or AMX, bf16 matmuls are emulated and several times slower than fp32."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_model(
