@@ -32,8 +32,12 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 TANDEM_MODEL = "SmolLM2-135M-Instruct"
 ALL_SERVERS = (
-    "tandem", "vllm-1core", "vllm-2cores", "llama-server", "generate", "tf-serve-cb-fp32", "tf-serve-cb-bf16"
+    "tandem", "tandem-dense", "vllm-1core", "vllm-2cores", "llama-server", "generate", "tf-serve-cb-fp32",
+    "tf-serve-cb-bf16",
 )  # fmt: skip
+# tandem as it starts by default (the shipped Q4_1 file on the int4 kernel), and with `--quantize none` (the same
+# weights dequantized to the dtype: faster from ~16 users, where the int4 kernel unpacks the weights per 4 rows).
+TANDEM_SERVERS = {"tandem": [], "tandem-dense": ["--quantize=none"]}
 # The peers' installs (../shared/peers/vllm-setup.sh, build-llama-server.sh); a server missing its files is skipped.
 PERF = Path(os.environ.get("PERF", "/tmp/perf"))
 VLLM = Path(os.environ.get("VLLM_VENV", PERF / "venv-vllm")) / "bin" / "vllm"
@@ -109,8 +113,9 @@ def peer_server(name: str, port: int, folder: str) -> Server:
 
 def make_server(name: str, port: int, args: argparse.Namespace) -> Server:
     py, address = sys.executable, ["--host", "127.0.0.1", "--port", str(port)]
-    if name == "tandem":
-        worker = [f"--worker-arg={a}" for a in ("--max-running=64", *args.tandem_worker_arg)]
+    if name in TANDEM_SERVERS:
+        flags = ("--max-running=64", *TANDEM_SERVERS[name], *args.tandem_worker_arg)
+        worker = [f"--worker-arg={a}" for a in flags]
         dtype = ["--dtype", args.tandem_dtype]  # auto: bf16 where the CPU has bf16 units, else fp32
         command = [py, str(ROOT / "launcher.py"), *address, *dtype, "--grace-period", "5", *worker]
         return Server(name, command, TANDEM_MODEL)
@@ -285,7 +290,9 @@ def markdown(results: dict[str, dict[str, Any]], whole_answer: int) -> str:
     lines += best_peer_ratios(results)
     tandem = {r["concurrency"]: r for r in results.get("tandem", {}).get("levels", [])}
     others = {
-        n: {r["concurrency"]: r for r in o["levels"]} for n, o in results.items() if n != "tandem" and "levels" in o
+        n: {r["concurrency"]: r for r in o["levels"]}
+        for n, o in results.items()
+        if n not in TANDEM_SERVERS and "levels" in o
     }
     if tandem and others:
         # tok/s: tandem's over the baseline's; CPU: the baseline's CPU per token over tandem's (>1: tandem is leaner).
@@ -308,15 +315,23 @@ def markdown(results: dict[str, dict[str, Any]], whole_answer: int) -> str:
 
 
 def best_peer_ratios(results: dict[str, dict[str, Any]]) -> list[str]:
-    """tandem's output tokens/s over the best configuration of each peer at each level, and TTFT p50 beside theirs."""
-    tandem = {r["concurrency"]: r for r in results.get("tandem", {}).get("levels", [])}
+    """Each tandem configuration's output tokens/s over the best configuration of each peer at each level, and TTFT
+    p50 beside theirs."""
     peers = {"vLLM CPU": ("vllm-1core", "vllm-2cores"), "llama-server": ("llama-server",)}
+    lines = []
+    for ours in TANDEM_SERVERS:
+        lines += peer_ratios(ours, results, peers)
+    return lines
+
+
+def peer_ratios(ours: str, results: dict[str, dict[str, Any]], peers: dict[str, tuple[str, ...]]) -> list[str]:
+    tandem = {r["concurrency"]: r for r in results.get(ours, {}).get("levels", [])}
     lines = []
     for peer, names in peers.items():
         runs = [{r["concurrency"]: r for r in results[n]["levels"]} for n in names if "levels" in results.get(n, {})]
         if not tandem or not runs:
             continue
-        head = f"| users | tandem tok/s | best {peer} tok/s | tandem / best {peer} | TTFT p50 ms tandem / {peer} |"
+        head = f"| users | {ours} tok/s | best {peer} tok/s | {ours} / best {peer} | TTFT p50 ms {ours} / {peer} |"
         lines += ["", head, "|---:|---:|---:|---:|---:|"]
         for c, t in tandem.items():
             best = max((run[c] for run in runs if c in run), key=lambda r: r["tokens_per_s"], default=None)

@@ -1,9 +1,11 @@
 """`python bench/step.py`: milliseconds per runner step, the engine's inner loop without scheduling or sampling.
 
 Times `ModelRunner.forward` for a batch of B decoding sequences (each with `--context` tokens already cached) and for
-one prefill chunk of `--prefill` tokens, per dtype and weight format. The first column is the baseline of the ratio
-column. Repeat: `.venv/bin/python bench/step.py --dtypes float32 bfloat16 --batch 1 4 16 64`, or per weight format
-`.venv/bin/python bench/step.py --dtypes bfloat16 --formats dense Q4_1 Q8_0 Q4_K_M int8 int4`.
+one prefill chunk of `--prefill` tokens (after `--prefill-at` cached ones), per dtype and weight format. The first
+column is the baseline of the ratio column. Repeat:
+`.venv/bin/python bench/step.py --dtypes float32 bfloat16 --batch 1 4 16 64`, or per weight format
+`.venv/bin/python bench/step.py --dtypes bfloat16 --formats dense Q4_1 Q8_0 Q4_K_M int8 int4`; long contexts:
+`.venv/bin/python bench/step.py --dtypes bfloat16 --prefill 256 --prefill-at 6000`.
 
 Formats: dense (the GGUF file dequantized, `--quantize none`), a GGUF type (the shipped Q4_1 file's own tensors, or
 one of tests/gguf_writer.py's re-encodings, written once into ~/.cache/tandem/quality), int8/int4 (`--quantize`),
@@ -76,6 +78,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--context", type=int, default=200, help="cached tokens per decoding sequence")
     parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--prefill-at", type=int, default=0, help="cached tokens before each prefill chunk")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -84,7 +87,7 @@ def main() -> int:
     keep_freed_memory()  # as the worker does
     cache = Path.home() / ".cache" / "tandem"
     per_seq = -(-(args.context + 1) // BLOCK)
-    blocks = max(max(args.batch) * per_seq, -(-max(args.prefill) // BLOCK)) + 1
+    blocks = max(max(args.batch) * per_seq, -(-(args.prefill_at + max(args.prefill)) // BLOCK)) + 1
     runners: dict[str, ModelRunner] = {}
     for dtype in args.dtypes:
         loaded = load_model(None, device="cpu", dtype=dtype, cache_dir=cache, quantize="none")
@@ -98,8 +101,10 @@ def main() -> int:
     for batch in args.batch:
         rows[f"decode B={batch}"] = time_steps(runners, decode_chunks(batch, args.context), args.repeats)
     for length in args.prefill:
-        chunk = SeqChunk(token_ids=[1] * length, start_pos=0, block_table=list(range(-(-length // BLOCK))))
-        rows[f"prefill {length}"] = time_steps(runners, [chunk], max(3, args.repeats // 4))
+        table = list(range(-(-(args.prefill_at + length) // BLOCK)))
+        chunk = SeqChunk(token_ids=[1] * length, start_pos=args.prefill_at, block_table=table, prompt=True)
+        at = f" at {args.prefill_at}" if args.prefill_at else ""
+        rows[f"prefill {length}{at}"] = time_steps(runners, [chunk], max(3, args.repeats // 4))
     columns = list(runners)
     base = columns[0]
     print(f"threads {torch.get_num_threads()}, context {args.context}\n")

@@ -25,6 +25,12 @@ SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # at 1000 tokens of context, 10% at 200; no change for 16 sequences at 200.
 CPU_DECODE_GATHER_BYTES = 4 * 2**20
 
+# A prefill chunk's attention scores are [kv_heads, query rows, context] float32: 55 MB a layer for 256 tokens at
+# 6,000 of context, which made such a chunk 16x one at context 0 on a 2-core EPYC (1.6 s against 0.1 s). In blocks of
+# query rows whose scores fit in about this many bytes it takes 0.48 s (1-32 MiB measured: 1 MiB 0.78 s, 32 MiB 1.2 s;
+# `bench/step.py --prefill 256 --prefill-at 6000`).
+PREFILL_SCORE_BYTES = 8 * 2**20
+
 # BLAS libraries switch to matrix-vector kernels for one row (MKL fp32: for up to two), which sum the inner
 # dimension in another order: a lone request's logits then differ from the same request's inside a batch,
 # and greedy output drifts (measured: 16 of 32 prompts over 64 tokens in bf16 on CPU). Padding to 4 rows keeps
@@ -154,9 +160,10 @@ class _Prefill:
 
     start: int  # first row in the flat batch
     length: int
-    context: int  # start_pos + length: how many cached positions it attends to
-    blocks: Tensor | None  # block ids covering [0, context); None when there is no cached prefix
-    mask: Tensor  # [length, context] bool: causal, shifted by start_pos
+    blocks: Tensor | None  # (head, block) ids (ModelRunner._head_blocks) of [0, start_pos + length); None: no prefix
+    # [1, rows, keys] additive mask (0 or -inf); rows: length * query heads per KV head, padded; keys: the chunk's
+    # own (no prefix) or its whole blocks'
+    bias: Tensor
 
 
 @dataclass
@@ -164,9 +171,8 @@ class _DecodeGroup:
     """Some 1-token chunks whose attention runs as one batched call."""
 
     rows: slice  # their rows in the flat batch
-    blocks: Tensor  # [rows * max_blocks] block ids, each table padded with block 0 (masked out)
-    context: int  # the longest context among all decoding chunks
-    mask: Tensor | None  # [rows, 1, 1, context] bool; None when all contexts are equally long
+    blocks: Tensor  # (head, block) ids of [rows * max_blocks] blocks, heads outermost; tables padded with block 0
+    bias: Tensor  # [kv_heads * rows, 1, max_blocks * block_size] additive mask (0 or -inf), heads outermost
 
 
 @dataclass
@@ -283,14 +289,23 @@ class ModelRunner:
         )
 
     def _allocate_cache(self) -> None:
-        """Per layer K and V [num_blocks, block_size, kv_heads, head_dim], allocated once for the process."""
-        shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        """Per layer K and V [kv_heads, num_blocks, block_size, head_dim], allocated once for the process.
+
+        Heads first: gathering a sequence's blocks (index_select on dim 1) then yields each head's [context,
+        head_dim] keys as one strided matrix, which the attention matmul reads in place. With blocks first, the
+        gathered K/V had to be copied a second time into that shape (~15 % of a 64-sequence decode step).
+        """
+        shape = (self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
         # Zeroed, not empty: masked-out slots still meet V in the softmax product, and 0 * NaN would be NaN.
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         # The same memory indexed by slot (block * block_size + offset), where new tokens' K/V are written.
-        self._k_slots = [cache.view(-1, self.num_kv_heads, self.head_dim) for cache in self.k_cache]
-        self._v_slots = [cache.view(-1, self.num_kv_heads, self.head_dim) for cache in self.v_cache]
+        self._k_slots = [cache.view(self.num_kv_heads, -1, self.head_dim) for cache in self.k_cache]
+        self._v_slots = [cache.view(self.num_kv_heads, -1, self.head_dim) for cache in self.v_cache]
+        # And by (head, block) pair, head * num_blocks + block: attention gathers with index_select on dim 0, which
+        # copies whole 2 KB runs (on dim 1 it was 20-30 % slower a decode step with 2 threads).
+        self._k_blocks = [cache.view(-1, self.block_size, self.head_dim) for cache in self.k_cache]
+        self._v_blocks = [cache.view(-1, self.block_size, self.head_dim) for cache in self.v_cache]
 
     @staticmethod
     def bytes_per_block(config: Any, dtype: torch.dtype, block_size: int) -> int:
@@ -352,8 +367,8 @@ class ModelRunner:
         h = F.rms_norm(x, layer.input_norm.shape, layer.input_norm, self.eps)
         rows = step.decode_rows
         q, k, v = self._qkv(self._lora(layer.qkv(h, decode_rows=rows), h, step, index, QKV), layer, step)
-        self._k_slots[index].index_copy_(0, step.slots, k)
-        self._v_slots[index].index_copy_(0, step.slots, v)
+        self._k_slots[index].index_copy_(1, step.slots, k.transpose(0, 1))
+        self._v_slots[index].index_copy_(1, step.slots, v.transpose(0, 1))
         attended = self._attention(index, q, k, v, step)
         x = self._lora(layer.o_proj(attended, residual=x, decode_rows=rows), attended, step, index, O_PROJ)
         h = F.rms_norm(x, layer.post_norm.shape, layer.post_norm, self.eps)
@@ -386,50 +401,65 @@ class ModelRunner:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _decode_attention(self, index: int, q: Tensor, group: _DecodeGroup) -> Tensor:
-        batch = q.shape[0]
-        shape = (batch, -1, self.num_kv_heads, self.head_dim)
-        # Gathering whole blocks with index_select is several times faster than per-slot fancy indexing.
-        k = self.k_cache[index].index_select(0, group.blocks).view(shape)[:, : group.context].transpose(1, 2)
-        v = self.v_cache[index].index_select(0, group.blocks).view(shape)[:, : group.context].transpose(1, 2)
+        batch, kv_heads = q.shape[0], self.num_kv_heads
+        # Gathering whole blocks with index_select is several times faster than per-slot fancy indexing. Each
+        # (head, sequence) pair's keys are then one contiguous [blocks * block_size, head_dim] matrix, positions
+        # past its context masked by the bias. Contiguous matters: bmm on a sliced (strided) batch was 4x slower.
+        shape = (kv_heads * batch, -1, self.head_dim)
+        k = self._k_blocks[index].index_select(0, group.blocks).view(shape)
+        v = self._v_blocks[index].index_select(0, group.blocks).view(shape)
         # The query heads sharing a KV head become that head's query rows: K and V are read once per group.
-        q = q.view(batch, self.num_kv_heads, -1, self.head_dim)
-        return self._attend(q, k, v, group.mask).reshape(batch, -1)
+        q = q.view(batch, kv_heads, -1, self.head_dim).transpose(0, 1).reshape(kv_heads * batch, -1, self.head_dim)
+        out = self._attend(q, k, v, group.bias)
+        return out.reshape(kv_heads, batch, -1, self.head_dim).transpose(0, 1).reshape(batch, -1)
 
     def _prefill_attention(self, index: int, q: Tensor, k: Tensor, v: Tensor, prefill: _Prefill) -> Tensor:
         rows = slice(prefill.start, prefill.start + prefill.length)
         if prefill.blocks is None:  # a first chunk attends to its own fresh K/V only
-            k, v = k[rows], v[rows]
-        else:  # a later chunk also attends to the prefix already in the cache
-            shape = (-1, self.num_kv_heads, self.head_dim)
-            k = self.k_cache[index].index_select(0, prefill.blocks).view(shape)[: prefill.context]
-            v = self.v_cache[index].index_select(0, prefill.blocks).view(shape)[: prefill.context]
+            k, v = k[rows].transpose(0, 1).contiguous(), v[rows].transpose(0, 1).contiguous()
+        else:  # a later chunk also attends to the prefix already in the cache (its whole blocks; see above)
+            shape = (self.num_kv_heads, -1, self.head_dim)
+            k = self._k_blocks[index].index_select(0, prefill.blocks).view(shape)
+            v = self._v_blocks[index].index_select(0, prefill.blocks).view(shape)
         # [kv_heads, length * group, head_dim]: each KV head's query rows are its heads at every position.
         group = self.num_heads // self.num_kv_heads
         q = q[rows].view(prefill.length, self.num_kv_heads, group, self.head_dim).transpose(0, 1)
         q = q.reshape(self.num_kv_heads, prefill.length * group, self.head_dim)
-        mask = prefill.mask.repeat_interleave(group, dim=0)  # rows in the same (position, head) order
-        out = self._attend(q, k.transpose(0, 1), v.transpose(0, 1), mask)
-        out = out.view(self.num_kv_heads, prefill.length, group, self.head_dim).transpose(0, 1)
+        # Long contexts: query rows in blocks whose float32 scores stay in the CPU's cache (see PREFILL_SCORE_BYTES).
+        # Rows are independent, so blocking changes no row's result.
+        block = max(MIN_MATMUL_ROWS, PREFILL_SCORE_BYTES // (4 * self.num_kv_heads * k.shape[1]))
+        if self.device.type != "cpu" or q.shape[1] <= block:
+            out = self._attend(q, k, v, prefill.bias)
+        else:
+            parts = [
+                self._attend(q[:, r : r + block], k, v, prefill.bias[:, r : r + block])
+                for r in range(0, q.shape[1], block)
+            ]
+            out = torch.cat(parts, dim=1)
+        out = out.reshape(self.num_kv_heads, prefill.length, group, self.head_dim).transpose(0, 1)
         return out.reshape(prefill.length, -1)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T / sqrt(d)) v over [..., rows, head_dim] queries and [..., context, head_dim] keys/values.
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(d) + bias) v over [batch, rows, head_dim] queries, [batch, keys, head_dim]
+        keys/values and a [batch or 1, rows or 1, keys] additive mask.
 
-        Two matmuls and a float32 softmax rather than SDPA, for both kinds of chunk: SDPA's flash kernel rounds a
-        row differently with the number of query rows and with is_causal against a mask, so a prompt prefilled in
-        one chunk or in two (as batch neighbours decide) gave different logits; and for one query token it was
-        1.5x slower on CPU (bench/step.py, 16 sequences at 200 tokens: 445 vs 291 us a layer).
+        Two matmuls and a softmax rather than SDPA, for both kinds of chunk: SDPA's flash kernel rounds a row
+        differently with the number of query rows and with is_causal against a mask, so a prompt prefilled in one
+        chunk or in two (as batch neighbours decide) gave different logits; and for one query token it was 1.5x
+        slower on CPU (bench/step.py, 16 sequences at 200 tokens: 445 vs 291 us a layer). The scale and the mask
+        ride on the first matmul (baddbmm) and the softmax reads the bf16 scores directly into float32: separate
+        cast, scale and mask passes over the scores were ~10 % of a step.
         """
         rows = q.shape[-2]
         if rows < MIN_MATMUL_ROWS:  # as in _Linear: keep the matrix kernel, whose rows are independent
             q = F.pad(q, (0, 0, 0, MIN_MATMUL_ROWS - rows))
-        scores = torch.matmul(q, k.contiguous().transpose(-1, -2)).float().mul_(self.head_dim**-0.5)
-        if mask is not None:
-            if rows < MIN_MATMUL_ROWS and mask.shape[-2] == rows:
-                mask = F.pad(mask, (0, 0, 0, MIN_MATMUL_ROWS - rows), value=True)
-            scores.masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        return torch.matmul(probs, v.contiguous())[..., :rows, :]
+        bias = bias.expand(q.shape[0], q.shape[1], k.shape[1])
+        scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=self.head_dim**-0.5)
+        # float32 out, then cast: bf16's own softmax kernel rounds a row differently with its length (1 ulp, seen
+        # in a 62- against an 87-position row with the extra positions masked), so a decode's output would depend
+        # on its neighbours' contexts.
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.bmm(probs, v)[:, :rows]
 
     def _prepare(self, chunks: list[SeqChunk]) -> _Step:
         """Flatten the chunks, decode tokens first, into the index tensors every layer uses."""
@@ -487,10 +517,9 @@ class ModelRunner:
         longest = max(contexts)
         num_blocks = -(-longest // self.block_size)
         blocks = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
-        mask = None
-        if min(contexts) != longest:
-            mask = torch.arange(longest, device=self.device)[None, :] < self._tensor(contexts)[:, None]
-            mask = mask[:, None, None, :]
+        blocks = blocks.view(len(chunks), num_blocks)
+        positions = torch.arange(num_blocks * self.block_size, device=self.device)
+        bias = self._bias(positions[None, :] < self._tensor(contexts)[:, None])[:, None, :]  # [rows, 1, keys]
         size = len(chunks)  # one group on a GPU; on a CPU, groups that fit its cache (see CPU_DECODE_GATHER_BYTES)
         if self.device.type == "cpu":
             seq_bytes = 2 * num_blocks * self.block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
@@ -498,26 +527,42 @@ class ModelRunner:
         return [
             _DecodeGroup(
                 rows=slice(start, min(start + size, len(chunks))),
-                blocks=blocks[start * num_blocks : (start + size) * num_blocks],
-                context=longest,
-                mask=None if mask is None else mask[start : start + size],
+                blocks=self._head_blocks(blocks[start : start + size].flatten()),
+                # attention runs over [kv_heads * rows] matrices, heads outermost
+                bias=bias[start : start + size].repeat(self.num_kv_heads, 1, 1),
             )
             for start in range(0, len(chunks), size)
         ]
 
     def _prepare_prefills(self, chunks: list[SeqChunk], first_row: int) -> list[_Prefill]:
         prefills, row = [], first_row
+        group = self.num_heads // self.num_kv_heads
         for chunk in chunks:
             length = len(chunk.token_ids)
             context = chunk.start_pos + length
-            blocks = None
+            blocks, keys = None, length
             if chunk.start_pos:
-                blocks = self._tensor(chunk.block_table[: -(-context // self.block_size)])
+                num_blocks = -(-context // self.block_size)
+                blocks = self._head_blocks(self._tensor(chunk.block_table[:num_blocks]))
+                keys = num_blocks * self.block_size
             query_pos = torch.arange(chunk.start_pos, context, device=self.device)
-            mask = torch.arange(context, device=self.device)[None, :] <= query_pos[:, None]
-            prefills.append(_Prefill(start=row, length=length, context=context, blocks=blocks, mask=mask))
+            visible = torch.arange(keys, device=self.device)[None, :] <= query_pos[:, None]
+            visible = visible.repeat_interleave(group, dim=0)  # query rows in (position, head) order
+            if visible.shape[0] < MIN_MATMUL_ROWS:  # _attend pads the queries; the padding rows see everything
+                visible = F.pad(visible, (0, 0, 0, MIN_MATMUL_ROWS - visible.shape[0]), value=True)
+            bias = self._bias(visible)[None]
+            prefills.append(_Prefill(start=row, length=length, blocks=blocks, bias=bias))
             row += length
         return prefills
+
+    def _head_blocks(self, blocks: Tensor) -> Tensor:
+        """Block ids → the (head, block) rows of `_k_blocks`: every head's copy of each block, heads outermost."""
+        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None] * self.num_blocks
+        return (heads + blocks[None, :]).flatten()
+
+    def _bias(self, visible: Tensor) -> Tensor:
+        """An additive attention mask in the model's dtype: 0 where `visible`, -inf elsewhere."""
+        return torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
 
     def _tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
