@@ -8,10 +8,6 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 
-# A C++ compiler: the worker builds its paged attention kernel on first start (worker/paged_attention.py; without
-# one it serves on the slower matmul path). The build is kept in the /cache volume, keyed by the CPU it ran on.
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
-
 # Dependencies first, so a code change does not reinstall torch. torch is pinned in pyproject.toml; on
 # x86-64 Linux the PyPI wheel is the CUDA build, which also runs on CPU.
 COPY pyproject.toml README.md ./
@@ -32,7 +28,7 @@ COPY launcher.py ./
 # volumes start out writable for it.
 RUN useradd --create-home --uid 1000 tandem && mkdir -p /cache /keys && chown tandem:tandem /cache /keys
 USER tandem
-ENV TANDEM_CACHE_DIR=/cache/tandem HF_HOME=/cache/huggingface TORCH_EXTENSIONS_DIR=/cache/torch_extensions
+ENV TANDEM_CACHE_DIR=/cache/tandem HF_HOME=/cache/huggingface
 
 EXPOSE 8000 5555
 CMD ["python", "launcher.py", "--host", "0.0.0.0"]

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worker.lora import DOWN, GATE_UP, O_PROJ, QKV, LoraGroup, LoraWeights, add_lora
-from worker.paged_attention import decode_kernel
 from worker.quant import QuantLinear, QuantWeight, kernel_works
 
 if TYPE_CHECKING:
@@ -169,14 +168,11 @@ class _Prefill:
 
 @dataclass
 class _DecodeGroup:
-    """Some 1-token chunks whose attention runs as one batched call: the paged kernel's, or gather and matmuls."""
+    """Some 1-token chunks whose attention runs as one batched call."""
 
     rows: slice  # their rows in the flat batch
-    # kernel: [rows, max_blocks] block tables; matmuls: the (head, block) ids of those blocks, heads outermost.
-    # Tables are padded with block 0, which the context or the bias masks out.
-    blocks: Tensor
-    contexts: Tensor | None  # kernel: [rows] positions each attends to; None on the matmul path
-    bias: Tensor | None  # matmuls: [kv_heads * rows, 1, max_blocks * block_size] additive mask (0 or -inf)
+    blocks: Tensor  # (head, block) ids of [rows * max_blocks] blocks, heads outermost; tables padded with block 0
+    bias: Tensor  # [kv_heads * rows, 1, max_blocks * block_size] additive mask (0 or -inf), heads outermost
 
 
 @dataclass
@@ -278,9 +274,6 @@ class ModelRunner:
         rotary = decoder.rotary_emb
         self._inv_freq = rotary.inv_freq.detach().to(device=device, dtype=torch.float32)
         self._rope_scaling = float(rotary.attention_scaling)
-        # Decode attention straight from the paged cache where the kernel builds (CPU); else gather and matmuls.
-        on_cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-        self._decode_kernel = decode_kernel() if on_cpu else None
         self._cos = self._sin = torch.empty(0, self.head_dim, device=device, dtype=dtype)
         # LoRA adapters in memory by slot, slot 0 meaning none; the engine fills and empties them (worker/adapters.py).
         self.loras: list[LoraWeights | None] = [None]
@@ -409,11 +402,6 @@ class ModelRunner:
 
     def _decode_attention(self, index: int, q: Tensor, group: _DecodeGroup) -> Tensor:
         batch, kv_heads = q.shape[0], self.num_kv_heads
-        if group.contexts is not None and self._decode_kernel is not None:
-            q = q.reshape(batch, kv_heads, -1, self.head_dim).contiguous()
-            k_blocks, v_blocks = self._k_blocks[index], self._v_blocks[index]
-            out = self._decode_kernel(q, k_blocks, v_blocks, group.blocks, group.contexts, self.head_dim**-0.5)
-            return out.view(batch, -1)
         # Gathering whole blocks with index_select is several times faster than per-slot fancy indexing. Each
         # (head, sequence) pair's keys are then one contiguous [blocks * block_size, head_dim] matrix, positions
         # past its context masked by the bias. Contiguous matters: bmm on a sliced (strided) batch was 4x slower.
@@ -422,7 +410,6 @@ class ModelRunner:
         v = self._v_blocks[index].index_select(0, group.blocks).view(shape)
         # The query heads sharing a KV head become that head's query rows: K and V are read once per group.
         q = q.view(batch, kv_heads, -1, self.head_dim).transpose(0, 1).reshape(kv_heads * batch, -1, self.head_dim)
-        assert group.bias is not None  # the matmul path's groups always carry their mask
         out = self._attend(q, k, v, group.bias)
         return out.reshape(kv_heads, batch, -1, self.head_dim).transpose(0, 1).reshape(batch, -1)
 
@@ -531,8 +518,6 @@ class ModelRunner:
         num_blocks = -(-longest // self.block_size)
         blocks = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
         blocks = blocks.view(len(chunks), num_blocks)
-        if self._decode_kernel is not None:  # one call reads every sequence's blocks in place
-            return [_DecodeGroup(rows=slice(0, len(chunks)), blocks=blocks, contexts=self._tensor(contexts), bias=None)]
         positions = torch.arange(num_blocks * self.block_size, device=self.device)
         bias = self._bias(positions[None, :] < self._tensor(contexts)[:, None])[:, None, :]  # [rows, 1, keys]
         size = len(chunks)  # one group on a GPU; on a CPU, groups that fit its cache (see CPU_DECODE_GATHER_BYTES)
@@ -543,7 +528,6 @@ class ModelRunner:
             _DecodeGroup(
                 rows=slice(start, min(start + size, len(chunks))),
                 blocks=self._head_blocks(blocks[start : start + size].flatten()),
-                contexts=None,
                 # attention runs over [kv_heads * rows] matrices, heads outermost
                 bias=bias[start : start + size].repeat(self.num_kv_heads, 1, 1),
             )

@@ -90,14 +90,6 @@ KEEP_LOADED = "--keep-alive=-1"
 TEST_KV = "--worker-arg=--kv-cache-bytes=536870912"
 
 
-@pytest.fixture(scope="session", autouse=True)
-def attention_kernel_built() -> None:
-    """Build the paged attention kernel once, before any server starts: the workers then load the cached build in a
-    fraction of a second instead of the first one compiling it (~20-40 s on 2 cores) inside some test's deadline."""
-    build = "from worker.paged_attention import decode_kernel; decode_kernel()"
-    subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=False)
-
-
 def start_server(log_dir: Path, *extra: str) -> Server:
     if not any("--kv-cache-bytes" in arg for arg in extra):
         extra = (*extra, TEST_KV)
