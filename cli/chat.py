@@ -10,12 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import readline  # noqa: F401  (line editing and history for input())
-import signal
-import socket
 import sys
-import threading
 from dataclasses import dataclass, field
-from types import FrameType
 from typing import Any, TextIO
 
 import httpx
@@ -32,25 +28,6 @@ HELP = """Commands:
 Use \"\"\" to begin and end a message of several lines."""
 FLOATS = {"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"}
 INTS = {"num_predict", "top_k", "seed", "num_ctx"}
-
-
-class _Interrupt:
-    """Ctrl-C while an answer streams: a flag the reading loop checks, and the connection shut down so that a read
-    waiting on the server returns at once. Never a KeyboardInterrupt raised inside httpx: one that landed mid-read
-    once left the chat hanging without its prompt (1 run in ~10 of the e2e suite; most likely a lock in the
-    connection pool held by the interrupted code)."""
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.socket: socket.socket | None = None
-
-    def __call__(self, signum: int, frame: FrameType | None) -> None:
-        self.event.set()
-        if self.socket is not None:
-            try:
-                self.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed
 
 
 @dataclass
@@ -71,35 +48,22 @@ class Session:
         body: dict[str, Any] = {"model": self.model, "messages": [*system, *self.history, user], "stream": True}
         body |= {"options": self.options} if self.options else {}
         body |= {"think": self.think} if self.think is not None else {}
-        interrupt = _Interrupt()
-        previous = signal.signal(signal.SIGINT, interrupt)
         try:
-            reply = self._stream(body, interrupt)
-        except httpx.TransportError:
-            if not interrupt.event.is_set():
-                raise
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        if interrupt.event.is_set():
+            reply = self._stream(body)
+        except KeyboardInterrupt:
             self.out.write(f"{RESET}\n")
             return
         self.history += [user, {"role": "assistant", "content": reply}]
 
-    def _stream(self, body: dict[str, Any], interrupt: _Interrupt) -> str:
+    def _stream(self, body: dict[str, Any]) -> str:
         parts: list[str] = []
         thinking = False
         with self.client.stream("POST", "/api/chat", json=body) as response:
-            stream = response.extensions.get("network_stream")
-            interrupt.socket = stream.get_extra_info("socket") if stream is not None else None
-            if interrupt.event.is_set():  # Ctrl-C before the answer began
-                return ""
             if response.status_code != 200:
                 response.read()
                 self.out.write(f"Error: {_error(response)}\n")
                 return ""
             for line in response.iter_lines():
-                if interrupt.event.is_set():
-                    return ""
                 chunk = json.loads(line) if line else {}
                 if "error" in chunk:
                     self.out.write(f"{RESET}\nError: {chunk['error']}\n")
