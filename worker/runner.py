@@ -161,8 +161,8 @@ class _Prefill:
     start: int  # first row in the flat batch
     length: int
     blocks: Tensor | None  # (head, block) ids (ModelRunner._head_blocks) of [0, start_pos + length); None: no prefix
-    # [1, rows, keys] additive mask (0 or -inf); rows: length * query heads per KV head, padded; keys: the chunk's
-    # own (no prefix) or its whole blocks'
+    # [1, rows, keys] additive mask (0 or -inf); rows: length * query heads per KV head; keys: the chunk's own (no
+    # prefix) or its whole blocks'
     bias: Tensor
 
 
@@ -291,9 +291,9 @@ class ModelRunner:
     def _allocate_cache(self) -> None:
         """Per layer K and V [kv_heads, num_blocks, block_size, head_dim], allocated once for the process.
 
-        Heads first: gathering a sequence's blocks (index_select on dim 1) then yields each head's [context,
-        head_dim] keys as one strided matrix, which the attention matmul reads in place. With blocks first, the
-        gathered K/V had to be copied a second time into that shape (~15 % of a 64-sequence decode step).
+        Heads first: gathering a sequence's (head, block) rows then yields each head's keys as one contiguous
+        [blocks * block_size, head_dim] matrix, which the attention matmuls read as they are. With blocks first, the
+        gathered K/V were copied a second time into that shape.
         """
         shape = (self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim)
         # Zeroed, not empty: masked-out slots still meet V in the softmax product, and 0 * NaN would be NaN.
@@ -303,7 +303,7 @@ class ModelRunner:
         self._k_slots = [cache.view(self.num_kv_heads, -1, self.head_dim) for cache in self.k_cache]
         self._v_slots = [cache.view(self.num_kv_heads, -1, self.head_dim) for cache in self.v_cache]
         # And by (head, block) pair, head * num_blocks + block: attention gathers with index_select on dim 0, which
-        # copies whole 2 KB runs (on dim 1 it was 20-30 % slower a decode step with 2 threads).
+        # copies whole 2 KB runs (index_select on dim 1 of the cache made decode steps 12-34 % slower, 2 threads).
         self._k_blocks = [cache.view(-1, self.block_size, self.head_dim) for cache in self.k_cache]
         self._v_blocks = [cache.view(-1, self.block_size, self.head_dim) for cache in self.v_cache]
 
@@ -453,6 +453,8 @@ class ModelRunner:
         rows = q.shape[-2]
         if rows < MIN_MATMUL_ROWS:  # as in _Linear: keep the matrix kernel, whose rows are independent
             q = F.pad(q, (0, 0, 0, MIN_MATMUL_ROWS - rows))
+            if bias.shape[-2] == rows:  # a mask per query row: the padding rows see every key (their output is cut)
+                bias = F.pad(bias, (0, 0, 0, MIN_MATMUL_ROWS - rows))
         bias = bias.expand(q.shape[0], q.shape[1], k.shape[1])
         scores = torch.baddbmm(bias, q, k.transpose(-1, -2), alpha=self.head_dim**-0.5)
         # float32 out, then cast: bf16's own softmax kernel rounds a row differently with its length (1 ulp, seen
@@ -548,8 +550,6 @@ class ModelRunner:
             query_pos = torch.arange(chunk.start_pos, context, device=self.device)
             visible = torch.arange(keys, device=self.device)[None, :] <= query_pos[:, None]
             visible = visible.repeat_interleave(group, dim=0)  # query rows in (position, head) order
-            if visible.shape[0] < MIN_MATMUL_ROWS:  # _attend pads the queries; the padding rows see everything
-                visible = F.pad(visible, (0, 0, 0, MIN_MATMUL_ROWS - visible.shape[0]), value=True)
             bias = self._bias(visible)[None]
             prefills.append(_Prefill(start=row, length=length, blocks=blocks, bias=bias))
             row += length
