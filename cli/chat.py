@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import readline  # noqa: F401  (line editing and history for input())
+import signal
 import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -182,6 +183,10 @@ def main(argv: list[str]) -> int:
         "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"), help="as /set parameter"
     )
     args = parser.parse_args(argv)
+    # Ctrl-C must reach us as KeyboardInterrupt even when we inherited SIGINT ignored: a shell script's background
+    # job (`cmd &`) starts that way, Python then installs no handler, and Ctrl-C would neither stop an answer nor
+    # say how to leave (the suite's chat test hung so when the suite itself ran as such a job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with httpx.Client(base_url=args.url.rstrip("/"), timeout=httpx.Timeout(10, read=None)) as client:
         try:
             model = args.model or client.get("/api/tags").json()["models"][0]["name"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -72,10 +73,18 @@ def test_batch_with_a_server_of_its_own(server: Server, tmp_path: Path) -> None:
 # -- the terminal chat --------------------------------------------------------------------------
 
 
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def spawn_chat(url: str, *args: str) -> pexpect.spawn:
+    """The chat starts with SIGINT ignored, as a background job of a script starts (and as this suite's children
+    do when the suite runs as one): its Ctrl-C handling must not depend on what it inherits."""
     env = {**os.environ, "TERM": "dumb"}  # readline without terminal escapes
     command = ["launcher.py", "chat", "--url", url, *args]
-    chat = pexpect.spawn(sys.executable, command, cwd=str(ROOT), env=env, encoding="utf-8", timeout=120)
+    chat = pexpect.spawn(
+        sys.executable, command, cwd=str(ROOT), env=env, encoding="utf-8", timeout=120, preexec_fn=ignore_sigint
+    )
     chat.expect_exact(">>> Send a message (/? for help)")
     chat.expect_exact(">>> ")
     return chat
