@@ -52,6 +52,9 @@ WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | HANDSHAKE_FAI
 class WorkerConnection:
     address: str
     socket: zmq.asyncio.Socket
+    # Its monitor, attached before the socket connects (workers.py): attached later, by watch(), it missed whatever
+    # happened first, once a refused handshake, so the gateway never said why it could not reach the worker.
+    monitor: zmq.asyncio.Socket | None = None
     info: WorkerInfo | None = None
     last_seen: float = 0.0  # monotonic time of the last message from this worker
     queues: dict[int, RequestBuffer] = field(default_factory=dict)
@@ -173,7 +176,7 @@ class WorkerConnection:
     async def watch(self) -> None:
         """A dropped connection means the worker process died: fail its requests now, not at the next beat.
         A failed handshake means the worker refused our CURVE key (or we have the wrong one for it)."""
-        monitor = self.socket.get_monitor_socket(WATCHED)
+        monitor = self.monitor if self.monitor is not None else self.socket.get_monitor_socket(WATCHED)
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]

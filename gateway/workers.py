@@ -42,7 +42,7 @@ from common.protocol import (
     ModelCard,
     encode,
 )
-from gateway.connection import WorkerConnection, error_for
+from gateway.connection import WATCHED, WorkerConnection, error_for
 from gateway.discovery import Discovery
 from gateway.errors import (
     BadRequest,
@@ -120,22 +120,25 @@ class WorkerPool:
             self._add(address)
 
     def _add(self, address: str) -> WorkerConnection:
-        worker = WorkerConnection(address, self._connect(address), metrics=self.metrics, on_ready=self._notify)
+        socket, monitor = self._connect(address)
+        worker = WorkerConnection(address, socket, monitor=monitor, metrics=self.metrics, on_ready=self._notify)
         self.workers.append(worker)
         self.metrics.worker_down(worker.address)  # a series from the start: "down" is visible before "up"
         if self._started:
             self._run(worker)
         return worker
 
-    def _connect(self, address: str) -> zmq.asyncio.Socket:
+    def _connect(self, address: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        """The worker's socket, connecting, and its monitor, watching from before the first connection attempt."""
         socket = self.context.socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
         # Queue nothing for a worker that is not connected: a request must fail, not wait for a restart.
         socket.setsockopt(zmq.IMMEDIATE, 1)
         if self.curve is not None:
             self.curve.apply(socket)
+        monitor = socket.get_monitor_socket(WATCHED)
         socket.connect(address)
-        return socket
+        return socket, monitor
 
     def _run(self, worker: WorkerConnection) -> None:
         worker.tasks = [
@@ -164,6 +167,9 @@ class WorkerPool:
         for task in worker.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if worker.monitor is not None and not worker.monitor.closed:  # its watch task never ran
+            worker.socket.disable_monitor()
+            worker.monitor.close(linger=0)
         worker.socket.close(linger=200)  # milliseconds for the last Aborts to leave
 
     async def start(self) -> None:
