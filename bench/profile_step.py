@@ -10,7 +10,6 @@ K/V blocks, scores, softmax, weighted values); `index_copy_` writes the new K/V.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.step import BLOCK, decode_chunks  # noqa: E402
+from bench.step import decode_chunks, prefill_chunk  # noqa: E402
+from worker.malloc import keep_freed_memory  # noqa: E402
 from worker.models import DTYPES, load_model  # noqa: E402
-from worker.runner import ModelRunner, SeqChunk  # noqa: E402
+from worker.runner import ModelRunner  # noqa: E402
 
 
 def main() -> int:
@@ -36,15 +36,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the worker does
     cache = Path.home() / ".cache" / "tandem"
-    loaded = load_model(None, device="cpu", dtype="float32", quantize="none", cache_dir=cache)
-    model = copy.deepcopy(loaded.model).to(DTYPES[args.dtype])
-    if args.prefill:
-        chunks = [SeqChunk(list(range(1, args.prefill + 1)), 0, list(range(-(-args.prefill // BLOCK))), prompt=True)]
-    else:
-        chunks = decode_chunks(args.batch, args.context)
+    loaded = load_model(None, device="cpu", dtype=args.dtype, quantize="none", cache_dir=cache)
+    chunks = [prefill_chunk(args.prefill)] if args.prefill else decode_chunks(args.batch, args.context)
     blocks = max(max(chunk.block_table) for chunk in chunks) + 1
-    runner = ModelRunner(model, device=torch.device("cpu"), dtype=DTYPES[args.dtype], num_blocks=blocks)
+    runner = ModelRunner(loaded.model, device=loaded.device, dtype=loaded.dtype, num_blocks=blocks)
     for _ in range(3):
         runner.forward(chunks)  # oneDNN primitives and rope tables are built lazily
     with profile(activities=[ProfilerActivity.CPU]) as profiled:

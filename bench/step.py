@@ -58,6 +58,12 @@ def decode_chunks(batch: int, context: int) -> list[SeqChunk]:
     ]
 
 
+def prefill_chunk(length: int, cached: int = 0) -> SeqChunk:
+    """One prompt chunk of `length` tokens after `cached` ones, its blocks numbered from 0."""
+    table = list(range(-(-(cached + length) // BLOCK)))
+    return SeqChunk(token_ids=[1] * length, start_pos=cached, block_table=table, prompt=True)
+
+
 def quantized_weights(model: torch.nn.Module, name: str, cache: Path) -> dict[str, QuantWeight]:
     if name == "dense":
         return {}
@@ -101,9 +107,8 @@ def main() -> int:
     for batch in args.batch:
         rows[f"decode B={batch}"] = time_steps(runners, decode_chunks(batch, args.context), args.repeats)
     for length in args.prefill:
-        table = list(range(-(-(args.prefill_at + length) // BLOCK)))
-        chunk = SeqChunk(token_ids=[1] * length, start_pos=args.prefill_at, block_table=table, prompt=True)
         at = f" at {args.prefill_at}" if args.prefill_at else ""
+        chunk = prefill_chunk(length, args.prefill_at)
         rows[f"prefill {length}{at}"] = time_steps(runners, [chunk], max(3, args.repeats // 4))
     columns = list(runners)
     base = columns[0]
