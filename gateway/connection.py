@@ -176,7 +176,8 @@ class WorkerConnection:
     async def watch(self) -> None:
         """A dropped connection means the worker process died: fail its requests now, not at the next beat.
         A failed handshake means the worker refused our CURVE key (or we have the wrong one for it)."""
-        monitor = self.monitor if self.monitor is not None else self.socket.get_monitor_socket(WATCHED)
+        monitor = self.monitor
+        assert monitor is not None, "WorkerPool attaches it before connecting"
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
@@ -190,8 +191,13 @@ class WorkerConnection:
                     self.refused = True
                     logger.error("worker %s: the security handshake failed; check the CURVE keys", self.address)
         finally:
+            self.close_monitor()
+
+    def close_monitor(self) -> None:
+        """Stop watching, once: when watch() ends, or at removal for a connection whose watch never ran."""
+        if self.monitor is not None and not self.monitor.closed:
             self.socket.disable_monitor()
-            monitor.close(linger=0)
+            self.monitor.close(linger=0)
 
 
 def error_for(failed: Failed) -> GatewayError:

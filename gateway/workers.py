@@ -167,9 +167,7 @@ class WorkerPool:
         for task in worker.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if worker.monitor is not None and not worker.monitor.closed:  # its watch task never ran
-            worker.socket.disable_monitor()
-            worker.monitor.close(linger=0)
+        worker.close_monitor()  # its watch task may never have run
         worker.socket.close(linger=200)  # milliseconds for the last Aborts to leave
 
     async def start(self) -> None:
