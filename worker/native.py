@@ -1,0 +1,118 @@
+"""Our C++ CPU kernel (worker/paged_attention.cpp): compiled for this machine on first use, then loaded from a cache.
+
+It is compiled with `-march=native`, so a build is keyed by everything that shapes it: the source, torch's version,
+the compiler and this CPU's feature flags. Builds land in `$TANDEM_CACHE_DIR/native` (the worker's cache folder,
+~/.cache/tandem by default); `make` builds it at install (`python -m worker.native`) so no worker waits for it.
+Without a compiler, or with TANDEM_NATIVE=0, the runner keeps its torch path: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.cpp")
+# -fopenmp: at::parallel_for is inline OpenMP; the library then links libgomp.so.1, which resolves to torch's own
+# copy (already loaded), so the kernel and torch share one thread pool.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20"]
+BUILD_TIMEOUT_S = 600
+
+PagedDecodeAttention = Callable[..., None]
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("TANDEM_CACHE_DIR", str(Path.home() / ".cache" / "tandem"))) / "native"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build_key(compiler_version: str) -> str:
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), compiler_version.encode(), " ".join(FLAGS).encode()]
+    parts.append(_cpu_flags().encode())
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def build() -> Path:
+    """The compiled library for this machine, built now if the cache has none. Raises on any failure."""
+    compiler = _compiler()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=30).stdout
+    target = cache_folder() / f"paged_attention-{_build_key(version)}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch_lib = Path(torch.__file__).parent / "lib"
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    # Built beside the target, then renamed: workers starting at once may each build, and none reads a half file.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
+        partial_path = Path(partial.name)
+    command = [
+        compiler,
+        *FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{folder}" for folder in cpp_extension.include_paths()),
+        str(SOURCE),
+        "-o",
+        str(partial_path),
+        f"-L{torch_lib}",
+        "-lc10",
+        "-ltorch_cpu",
+        f"-Wl,-rpath,{torch_lib}",
+    ]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-2000:]}")
+        os.replace(partial_path, target)
+    finally:
+        partial_path.unlink(missing_ok=True)
+    return target
+
+
+@functools.cache
+def paged_decode_attention() -> PagedDecodeAttention | None:
+    """`torch.ops.tandem.paged_decode_attention`, or None where it cannot be built (logged once, with why)."""
+    if os.environ.get("TANDEM_NATIVE", "1") == "0":
+        logger.info("native kernels off (TANDEM_NATIVE=0): decode attention runs on torch ops")
+        return None
+    try:
+        torch.ops.load_library(str(build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("native decode attention unavailable, using torch ops (slower): %s", error)
+        return None
+    op: PagedDecodeAttention = torch.ops.tandem.paged_decode_attention
+    return op
+
+
+def main() -> int:
+    """`python -m worker.native`: build (or find) the library now, as `make` does at install."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if paged_decode_attention() is None:
+        return 0  # the runner works without it; the warning above says why it is missing
+    print(f"native decode attention: {build()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+// Decode attention that reads the paged KV cache in place (built and loaded by worker/native.py).
+//
+// The torch path (worker/runner.py, _decode_attention) first gathers every sequence's blocks into one contiguous
+// copy, pads the query group to a matrix, and runs two bf16 matmuls around a float32 softmax: on a 64-sequence step
+// the gather alone was 16-19 % of the step and the whole attention 35-40 % (bench/profile_step.py). Here each
+// (sequence, KV head) pair is one work item: its query heads' scores, softmax and weighted sum of V, all in float32,
+// read straight from the blocks of its table. A pair's result depends only on its own query, blocks and length, and
+// the order of every sum is fixed at compile time: a sequence gets the same bits whatever its batch neighbours are.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// exp(x) for x <= 0, written so the compiler vectorizes it (a call to expf does not, and was a quarter of the
+// kernel's time). 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and p the degree-6 Taylor polynomial: within
+// 2 ulp of expf. Below -87 the result is clamped near 2^-126, nothing beside the row's maximum's exp(0) = 1.
+#pragma omp declare simd notinbranch
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693145751953125f;  // ln2 in two parts (Cody-Waite), so r keeps its low bits
+  r = r - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;  // times 2^n, by the exponent field
+  float result;
+  std::memcpy(&result, &bits, sizeof result);
+  return result;
+}
+
+// The two ways to do a tile of up to TILE keys (or values) of one block: portable C++ the compiler vectorizes, and
+// AVX-512 intrinsics for head sizes of whole vectors. The portable dot product ends each key with a horizontal sum
+// the compiler writes as 16 serial adds; the AVX-512 one sums 16 keys' lanes at once (sum_lanes_of_16) and keeps the
+// value sums in registers: 3-4x faster on Zen 5.
+constexpr int64_t TILE = 16;
+constexpr int64_t MAX_HEAD_DIM = 512;  // the portable tile's scratch row
+
+template <typename scalar_t>
+struct Portable {
+  // scores[g * stride + i] = queries[g] . keys[i] for the tile's `rows` keys.
+  static void scores(const float* queries, int64_t group, int dim, const scalar_t* keys, int rows, float* scores,
+                     int64_t stride) {
+    float key[MAX_HEAD_DIM];
+    for (int i = 0; i < rows; ++i) {
+#pragma omp simd
+      for (int d = 0; d < dim; ++d) key[d] = static_cast<float>(keys[i * dim + d]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* q = queries + g * dim;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < dim; ++d) dot += q[d] * key[d];
+        scores[g * stride + i] = dot;
+      }
+    }
+  }
+  // sums[g] += probs[g * stride + i] * values[i] over the tile's `rows` values.
+  static void values(const float* probs, int64_t stride, int64_t group, int dim, const scalar_t* values, int rows,
+                     float* sums) {
+    float value[MAX_HEAD_DIM];
+    for (int i = 0; i < rows; ++i) {
+#pragma omp simd
+      for (int d = 0; d < dim; ++d) value[d] = static_cast<float>(values[i * dim + d]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float p = probs[g * stride + i];
+        float* sum = sums + g * dim;
+#pragma omp simd
+        for (int d = 0; d < dim; ++d) sum[d] += p * value[d];
+      }
+    }
+  }
+};
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// Lane i of the result: the sum of v[i]'s 16 lanes, by a fixed tree (halves, quarters, pairs, lanes).
+inline __m512 sum_lanes_of_16(const __m512* v) {
+  __m512 halves[8], quarters[4], pairs[2];
+  for (int j = 0; j < 8; ++j)  // 256-bit halves of v[2j] | v[2j+1] added: 8 partial sums per vector
+    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                              _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // 128-bit lane c now holds vector 4j + c's 4 partial sums
+    quarters[j] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], 0x88),
+                                _mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)  // lane c: vectors 8j + c and 8j + 4 + c, two partial sums each
+    pairs[j] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], 0x44),
+                             _mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], 0xEE));
+  // Element 4c + p: the sum of vector c + 4p; a 4x4 transpose puts vector i's sum in element i.
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], 0x88), _mm512_shuffle_ps(pairs[0], pairs[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
+}
+
+template <typename scalar_t, int DIM>
+struct Avx512 {
+  static constexpr int VECTORS = DIM / 16;                       // per head
+  static constexpr int HEADS = VECTORS >= 16 ? 1 : 16 / VECTORS;  // query heads per pass, in 16 registers
+
+  // Calls pass(std::integral_constant<int, N>) with N = n, for n in [1, HEADS]: every pass's head count is a
+  // compile-time constant, so its registers are allocated exactly (a padded head cost a quarter of the FMAs at 3).
+  template <int N = HEADS, typename Pass>
+  static void with_heads(int64_t n, Pass&& pass) {
+    if constexpr (N >= 1) {
+      if (n == N) return pass(std::integral_constant<int, N>{});
+      with_heads<N - 1>(n, pass);
+    }
+  }
+
+  static void scores(const float* queries, int64_t group, int, const scalar_t* keys, int rows, float* scores,
+                     int64_t stride) {
+    for (int64_t g0 = 0; g0 < group; g0 += HEADS) {
+      with_heads(std::min<int64_t>(HEADS, group - g0), [&](auto heads) {
+        constexpr int N = decltype(heads)::value;
+        __m512 q[N][VECTORS], dots[N][TILE];
+        for (int g = 0; g < N; ++g)
+          for (int c = 0; c < VECTORS; ++c) q[g][c] = _mm512_loadu_ps(queries + (g0 + g) * DIM + c * 16);
+        for (int i = 0; i < TILE; ++i) {
+          __m512 key[VECTORS];
+          for (int c = 0; c < VECTORS; ++c) key[c] = i < rows ? load16(keys + i * DIM + c * 16) : _mm512_setzero_ps();
+          for (int g = 0; g < N; ++g) {
+            __m512 dot = _mm512_mul_ps(q[g][0], key[0]);
+            for (int c = 1; c < VECTORS; ++c) dot = _mm512_fmadd_ps(q[g][c], key[c], dot);
+            dots[g][i] = dot;
+          }
+        }
+        for (int g = 0; g < N; ++g) _mm512_storeu_ps(scores + (g0 + g) * stride, sum_lanes_of_16(dots[g]));
+      });
+    }
+  }
+
+  static void values(const float* probs, int64_t stride, int64_t group, int, const scalar_t* values, int rows,
+                     float* sums) {
+    for (int64_t g0 = 0; g0 < group; g0 += HEADS) {
+      with_heads(std::min<int64_t>(HEADS, group - g0), [&](auto heads) {
+        constexpr int N = decltype(heads)::value;
+        __m512 sum[N][VECTORS];
+        for (int g = 0; g < N; ++g)
+          for (int c = 0; c < VECTORS; ++c) sum[g][c] = _mm512_loadu_ps(sums + (g0 + g) * DIM + c * 16);
+        for (int i = 0; i < rows; ++i) {
+          __m512 value[VECTORS];
+          for (int c = 0; c < VECTORS; ++c) value[c] = load16(values + i * DIM + c * 16);
+          for (int g = 0; g < N; ++g) {
+            const __m512 p = _mm512_set1_ps(probs[(g0 + g) * stride + i]);
+            for (int c = 0; c < VECTORS; ++c) sum[g][c] = _mm512_fmadd_ps(p, value[c], sum[g][c]);
+          }
+        }
+        for (int g = 0; g < N; ++g)
+          for (int c = 0; c < VECTORS; ++c) _mm512_storeu_ps(sums + (g0 + g) * DIM + c * 16, sum[g][c]);
+      });
+    }
+  }
+};
+#endif
+
+// Asks for the next block of keys or values while this one is summed: blocks lie anywhere in the cache, so the
+// hardware prefetcher, which follows addresses, only catches up after each block's first misses.
+inline void prefetch_block(const void* block, int64_t bytes) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(block) + offset);
+}
+
+// One work item per (sequence, KV head): its query heads' scores, softmax and weighted values, tile by tile.
+// Tile: Portable<scalar_t> or Avx512<scalar_t, DIM>; DIM 0 means the head size is only known at run time.
+template <typename scalar_t, typename Tile, int DIM>
+void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor& out) {
+  const int64_t batch = query.size(0), num_heads = query.size(1);
+  const int64_t num_kv_heads = k_cache.size(0), num_blocks = k_cache.size(1);
+  const int64_t block_size = k_cache.size(2);
+  const int dim = DIM ? DIM : static_cast<int>(k_cache.size(3));
+  const int64_t group = num_heads / num_kv_heads, table_len = block_tables.size(1);
+  const int64_t q_row = query.stride(0), q_head = query.stride(1);
+  const scalar_t* q_data = query.data_ptr<scalar_t>();
+  const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
+  const float softmax_scale = static_cast<float>(scale);
+  const int64_t block_elems = block_size * dim;
+
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> queries(group * dim), sums(group * dim), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads, length = lens[seq];
+      // A tile's scores are written as whole vectors, up to TILE - 1 past the context: each row has room for them.
+      const int64_t row_len = length + TILE;
+      const int64_t* table = tables + seq * table_len;
+      scores.resize(group * row_len);
+      for (int64_t g = 0; g < group; ++g) {
+        const scalar_t* q = q_data + seq * q_row + (kv_head * group + g) * q_head;
+        for (int d = 0; d < dim; ++d) queries[g * dim + d] = static_cast<float>(q[d]) * softmax_scale;
+      }
+      const scalar_t* k_head = k_data + kv_head * num_blocks * block_elems;
+      const scalar_t* v_head = v_data + kv_head * num_blocks * block_elems;
+      for (int64_t t = 0, rows; t < length; t += rows) {  // tiles end at block ends too
+        rows = std::min({TILE, length - t, block_size - t % block_size});
+        if (t % block_size == 0 && t + block_size < length)
+          prefetch_block(k_head + table[t / block_size + 1] * block_elems, block_elems * sizeof(scalar_t));
+        const scalar_t* keys = k_head + table[t / block_size] * block_elems + (t % block_size) * dim;
+        Tile::scores(queries.data(), group, dim, keys, rows, scores.data() + t, row_len);
+      }
+      for (int64_t g = 0; g < group; ++g) {  // softmax over the row's `length` scores, in float32
+        float* row = &scores[g * row_len];
+        float peak = -INFINITY;
+#pragma omp simd reduction(max : peak)
+        for (int64_t t = 0; t < length; ++t) peak = row[t] > peak ? row[t] : peak;
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < length; ++t) {
+          row[t] = exp_nonpositive(row[t] - peak);
+          total += row[t];
+        }
+        const float inverse = 1.0f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
+      }
+      std::fill(sums.begin(), sums.end(), 0.0f);
+      for (int64_t t = 0, rows; t < length; t += rows) {
+        rows = std::min({TILE, length - t, block_size - t % block_size});
+        if (t % block_size == 0 && t + block_size < length)
+          prefetch_block(v_head + table[t / block_size + 1] * block_elems, block_elems * sizeof(scalar_t));
+        const scalar_t* values = v_head + table[t / block_size] * block_elems + (t % block_size) * dim;
+        Tile::values(scores.data() + t, row_len, group, dim, values, rows, sums.data());
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        scalar_t* o = out_data + (seq * num_heads + kv_head * group + g) * dim;
+        for (int d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(sums[g * dim + d]);
+      }
+    }
+  });
+}
+
+// The AVX-512 tiles where the head size is 64 or 128 and the CPU has them (this is built with -march=native).
+template <typename scalar_t>
+void run(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
+         const at::Tensor& context_lens, double scale, at::Tensor& out) {
+#if defined(__AVX512F__)
+  if (query.size(2) == 64)
+    return attend<scalar_t, Avx512<scalar_t, 64>, 64>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+  if (query.size(2) == 128)
+    return attend<scalar_t, Avx512<scalar_t, 128>, 128>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+#endif
+  attend<scalar_t, Portable<scalar_t>, 0>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+}
+
+void paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            at::Tensor out) {
+  TORCH_CHECK(query.device().is_cpu(), "paged_decode_attention runs on CPU tensors");
+  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [batch, heads, head_dim], last dim dense");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "caches must be contiguous [kv_heads, blocks, block_size, head_dim]");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  out.scalar_type() == query.scalar_type(),
+              "query, caches and out must share a dtype");
+  TORCH_CHECK(query.size(2) == k_cache.size(3) && query.size(1) % k_cache.size(0) == 0, "head counts or sizes differ");
+  TORCH_CHECK(query.size(2) <= MAX_HEAD_DIM, "head_dim above ", MAX_HEAD_DIM);
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == query.sizes(), "out must be a contiguous tensor like query");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong &&
+                  block_tables.is_contiguous() && context_lens.is_contiguous() && block_tables.dim() == 2 &&
+                  block_tables.size(0) == query.size(0) && context_lens.numel() == query.size(0),
+              "block_tables [batch, max_blocks] and context_lens [batch] must be contiguous int64");
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t table_len = block_tables.size(1), block_size = k_cache.size(2), num_blocks = k_cache.size(1);
+  for (int64_t seq = 0; seq < query.size(0); ++seq) {  // checked here, once: the kernel reads memory by them
+    TORCH_CHECK(lens[seq] > 0 && lens[seq] <= table_len * block_size, "a context length outside its block table");
+    for (int64_t j = 0; j < (lens[seq] + block_size - 1) / block_size; ++j)
+      TORCH_CHECK(tables[seq * table_len + j] >= 0 && tables[seq * table_len + j] < num_blocks, "a block id out of range");
+  }
+  switch (query.scalar_type()) {
+    case at::kFloat:
+      return run<float>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+    case at::kBFloat16:
+      return run<c10::BFloat16>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+    case at::kHalf:
+      return run<c10::Half>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+    default:
+      TORCH_CHECK(false, "paged_decode_attention takes float32, bfloat16 or float16, not ", query.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tandem, m) {
+  m.def(
+      "paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tandem, CPU, m) { m.impl("paged_decode_attention", paged_decode_attention); }
