@@ -1,9 +1,11 @@
-"""Our C++ CPU kernel (worker/paged_attention.cpp): compiled for this machine on first use, then loaded from a cache.
+"""Our C++ CPU kernels (worker/csrc/): compiled for this machine on first use, then loaded from a cache.
 
-It is compiled with `-march=native`, so a build is keyed by everything that shapes it: the source, torch's version,
+`paged_decode_attention` reads the paged KV cache in place (csrc/paged_attention.cpp); `rms_norm`, `silu_mul`,
+`rotary` and `write_kv` are a decoder layer's small steps, each in one pass (csrc/fused_ops.cpp). The library is
+compiled with `-march=native`, so a build is keyed by everything that shapes it: the source, torch's version,
 the compiler and this CPU's feature flags. Builds land in `$TANDEM_CACHE_DIR/native` (the worker's cache folder,
 ~/.cache/tandem by default); `make` builds it at install (`python -m worker.native`) so no worker waits for it.
-Without a compiler, or with TANDEM_NATIVE=0, the runner keeps its torch path: slower, never wrong.
+Without a compiler, or with TANDEM_NATIVE=0, the runner keeps its torch ops: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,13 +26,23 @@ from torch.utils import cpp_extension
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCE_FOLDER = Path(__file__).with_name("csrc")
+SOURCES = sorted(SOURCE_FOLDER.glob("*.cpp"))
 # -fopenmp: at::parallel_for is inline OpenMP; the library then links libgomp.so.1, which resolves to torch's own
 # copy (already loaded), so the kernel and torch share one thread pool.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20"]
 BUILD_TIMEOUT_S = 600
 
-PagedDecodeAttention = Callable[..., None]
+
+@dataclass(frozen=True)
+class Kernels:
+    """The library's ops; each writes its last argument, `out` (signatures in worker/csrc/*.cpp)."""
+
+    paged_decode_attention: Callable[..., None]
+    rms_norm: Callable[..., None]
+    silu_mul: Callable[..., None]
+    rotary: Callable[..., None]
+    write_kv: Callable[..., None]
 
 
 def cache_folder() -> Path:
@@ -49,7 +62,8 @@ def _cpu_flags() -> str:
 
 
 def _build_key(compiler_version: str) -> str:
-    parts = [SOURCE.read_bytes(), torch.__version__.encode(), compiler_version.encode(), " ".join(FLAGS).encode()]
+    sources = [path.read_bytes() for path in sorted(SOURCE_FOLDER.iterdir()) if path.suffix in (".cpp", ".h")]
+    parts = [*sources, torch.__version__.encode(), compiler_version.encode(), " ".join(FLAGS).encode()]
     parts.append(_cpu_flags().encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -58,7 +72,7 @@ def build() -> Path:
     """The compiled library for this machine, built now if the cache has none. Raises on any failure."""
     compiler = _compiler()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=30).stdout
-    target = cache_folder() / f"paged_attention-{_build_key(version)}.so"
+    target = cache_folder() / f"tandem_kernels-{_build_key(version)}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +86,7 @@ def build() -> Path:
         *FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{folder}" for folder in cpp_extension.include_paths()),
-        str(SOURCE),
+        *(str(source) for source in SOURCES),
         "-o",
         str(partial_path),
         f"-L{torch_lib}",
@@ -91,26 +105,26 @@ def build() -> Path:
 
 
 @functools.cache
-def paged_decode_attention() -> PagedDecodeAttention | None:
-    """`torch.ops.tandem.paged_decode_attention`, or None where it cannot be built (logged once, with why)."""
+def kernels() -> Kernels | None:
+    """The compiled ops, or None where they cannot be built (logged once, with why)."""
     if os.environ.get("TANDEM_NATIVE", "1") == "0":
-        logger.info("native kernels off (TANDEM_NATIVE=0): decode attention runs on torch ops")
+        logger.info("native kernels off (TANDEM_NATIVE=0): the runner uses torch ops")
         return None
     try:
         torch.ops.load_library(str(build()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        logger.warning("native decode attention unavailable, using torch ops (slower): %s", error)
+        logger.warning("native kernels unavailable, using torch ops (slower): %s", error)
         return None
-    op: PagedDecodeAttention = torch.ops.tandem.paged_decode_attention
-    return op
+    ops = torch.ops.tandem
+    return Kernels(ops.paged_decode_attention, ops.rms_norm, ops.silu_mul, ops.rotary, ops.write_kv)
 
 
 def main() -> int:
     """`python -m worker.native`: build (or find) the library now, as `make` does at install."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if paged_decode_attention() is None:
-        return 0  # the runner works without it; the warning above says why it is missing
-    print(f"native decode attention: {build()}")
+    if kernels() is None:
+        return 0  # the runner works without them; the warning above says why they are missing
+    print(f"native kernels: {build()}")
     return 0
 
 

@@ -259,8 +259,8 @@ class ModelRunner:
     ) -> None:
         """`quantized`: integer weights by module name (`models.LoadedModel.quantized`); those layers run on int8/int4
         kernels instead of the module's dense weight, and a fused projection is quantized only if all its parts are.
-        `native`: on a CPU, decode attention runs on our C++ kernel where it builds (worker/native.py); False keeps
-        the torch path.
+        `native`: on a CPU, decode attention, the norms, rotary, SiLU and the K/V writes run on our C++ kernels where
+        they build (worker/native.py); False keeps torch ops for all of them.
         """
         check_supported(model)
         config: Any = model.config
@@ -277,7 +277,7 @@ class ModelRunner:
             raise ValueError(f"the model is {self.embed.dtype} on {self.embed.device}, the runner {dtype} on {device}")
         self.norm = decoder.norm.weight.detach()
         self._pack = _can_pack(device, dtype)
-        self._paged_attention = native_kernels.paged_decode_attention() if native and device.type == "cpu" else None
+        self._kernels = native_kernels.kernels() if native and device.type == "cpu" else None
         self._quantized = quantized or {}
         if self._quantized and device.type != "cpu":  # torch's int kernels here are the CPU ones
             logger.warning("int8/int4 kernels run on CPU only; dequantizing the weights for %s", device)
@@ -299,7 +299,7 @@ class ModelRunner:
             block_size,
             num_blocks * self.bytes_per_block(config, dtype, block_size) / 2**20,
             "prepacked oneDNN" if self._pack else "plain",
-            "the native kernel" if self._paged_attention else "torch ops",
+            "the native kernel" if self._kernels else "torch ops",
             self._describe_quantized(),
         )
 
@@ -374,21 +374,19 @@ class ModelRunner:
         x = F.embedding(step.input_ids, self.embed)
         for index, layer in enumerate(self.layers):
             x = self._layer(index, layer, x, step)
-        x = F.rms_norm(x.index_select(0, step.logit_rows), self.norm.shape, self.norm, self.eps)
+        x = self._rms_norm(x.index_select(0, step.logit_rows), self.norm)
         logits = self.lm_head(x, decode_rows=step.decode_rows)
         return (logits if step.caller_order is None else logits.index_select(0, step.caller_order)).float()
 
     def _layer(self, index: int, layer: _Layer, x: Tensor, step: _Step) -> Tensor:
-        h = F.rms_norm(x, layer.input_norm.shape, layer.input_norm, self.eps)
+        h = self._rms_norm(x, layer.input_norm)
         rows = step.decode_rows
         q, k, v = self._qkv(self._lora(layer.qkv(h, decode_rows=rows), h, step, index, QKV), layer, step)
-        self._k_slots[index].index_copy_(1, step.slots, k.transpose(0, 1))
-        self._v_slots[index].index_copy_(1, step.slots, v.transpose(0, 1))
+        self._write_kv(index, k, v, step.slots)
         attended = self._attention(index, q, k, v, step)
         x = self._lora(layer.o_proj(attended, residual=x, decode_rows=rows), attended, step, index, O_PROJ)
-        h = F.rms_norm(x, layer.post_norm.shape, layer.post_norm, self.eps)
-        gate, up = self._lora(layer.gate_up(h, decode_rows=rows), h, step, index, GATE_UP).chunk(2, dim=-1)
-        act = F.silu(gate) * up
+        h = self._rms_norm(x, layer.post_norm)
+        act = self._silu_mul(self._lora(layer.gate_up(h, decode_rows=rows), h, step, index, GATE_UP))
         return self._lora(layer.down(act, residual=x, decode_rows=rows), act, step, index, DOWN)
 
     def _lora(self, out: Tensor, x: Tensor, step: _Step, index: int, kind: int) -> Tensor:
@@ -403,8 +401,37 @@ class ModelRunner:
         if layer.qk_norm is not None:
             qk = F.rms_norm(qk, (self.head_dim,), eps=self.eps) * layer.qk_norm
         # rotate_half(x) is roll(x, D/2) with the first half negated; the sign lives in the sin table.
-        qk = torch.addcmul(qk * step.cos, qk.roll(self.head_dim // 2, dims=-1), step.sin)
+        if self._kernels is not None:
+            rotated = torch.empty(qk.shape, device=self.device, dtype=self.dtype)
+            self._kernels.rotary(qk, step.cos, step.sin, rotated)
+            qk = rotated
+        else:
+            qk = torch.addcmul(qk * step.cos, qk.roll(self.head_dim // 2, dims=-1), step.sin)
         return qk[:, : self.num_heads], qk[:, self.num_heads :], v
+
+    def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self._kernels is None:
+            return F.rms_norm(x, weight.shape, weight, self.eps)
+        out = torch.empty(x.shape, device=self.device, dtype=self.dtype)
+        self._kernels.rms_norm(x, weight, self.eps, out)
+        return out
+
+    def _silu_mul(self, gate_up: Tensor) -> Tensor:
+        """silu(gate) * up from the fused gate/up projection's output [T, 2I]."""
+        if self._kernels is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, device=self.device, dtype=self.dtype)
+        self._kernels.silu_mul(gate_up, out)
+        return out
+
+    def _write_kv(self, index: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
+        """The step's new K/V [T, KVH, D] into their cache slots."""
+        if self._kernels is not None:
+            self._kernels.write_kv(k, v, self.k_cache[index], self.v_cache[index], slots)
+        else:
+            self._k_slots[index].index_copy_(1, slots, k.transpose(0, 1))
+            self._v_slots[index].index_copy_(1, slots, v.transpose(0, 1))
 
     def _attention(self, index: int, q: Tensor, k: Tensor, v: Tensor, step: _Step) -> Tensor:
         """Attention output [T, H * D]: all decode rows in one batched call, then each prefill chunk."""
@@ -419,10 +446,10 @@ class ModelRunner:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _paged_decode_attention(self, index: int, q: Tensor, decode: _PagedDecode) -> Tensor:
-        assert self._paged_attention is not None
+        assert self._kernels is not None
         out = torch.empty(q.shape, device=self.device, dtype=self.dtype)
-        scale = self.head_dim**-0.5
-        self._paged_attention(q, self.k_cache[index], self.v_cache[index], decode.tables, decode.lengths, scale, out)
+        k_cache, v_cache, scale = self.k_cache[index], self.v_cache[index], self.head_dim**-0.5
+        self._kernels.paged_decode_attention(q, k_cache, v_cache, decode.tables, decode.lengths, scale, out)
         return out.view(q.shape[0], -1)
 
     def _decode_attention(self, index: int, q: Tensor, group: _DecodeGroup) -> Tensor:
@@ -545,7 +572,7 @@ class ModelRunner:
         num_blocks = -(-longest // self.block_size)
         blocks = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
         blocks = blocks.view(len(chunks), num_blocks)
-        if self._paged_attention is not None:
+        if self._kernels is not None:
             return [_PagedDecode(rows=slice(0, len(chunks)), tables=blocks, lengths=self._tensor(contexts))]
         positions = torch.arange(num_blocks * self.block_size, device=self.device)
         bias = self._bias(positions[None, :] < self._tensor(contexts)[:, None])[:, None, :]  # [rows, 1, keys]

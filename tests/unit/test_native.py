@@ -1,4 +1,5 @@
-"""Our C++ decode attention (worker/paged_attention.cpp) against a float64 reference, in every layout it takes."""
+"""Our C++ kernels (worker/csrc/) against references: decode attention against float64 in every layout it takes,
+the fused per-token steps against the torch ops they replace."""
 
 from __future__ import annotations
 
@@ -9,20 +10,20 @@ import torch
 
 from worker import native
 
-op = native.paged_decode_attention()
+kernels = native.kernels()
 
 
-def test_the_kernel_builds_on_this_machine() -> None:
+def test_the_kernels_build_on_this_machine() -> None:
     """Elsewhere the runner falls back to torch ops and these tests skip; CI sets TANDEM_REQUIRE_NATIVE, so there a
     missing compiler or a broken build fails instead of hiding."""
-    if op is None and os.environ.get("TANDEM_REQUIRE_NATIVE"):
-        pytest.fail("TANDEM_REQUIRE_NATIVE is set but the kernel did not build (see the warning logged above)")
-    if op is None:
-        pytest.skip("no C++ compiler here: the runner uses its torch path")
+    if kernels is None and os.environ.get("TANDEM_REQUIRE_NATIVE"):
+        pytest.fail("TANDEM_REQUIRE_NATIVE is set but the kernels did not build (see the warning logged above)")
+    if kernels is None:
+        pytest.skip("no C++ compiler here: the runner uses torch ops")
     assert native.build().exists()
 
 
-needs_kernel = pytest.mark.skipif(op is None, reason="the kernel did not build here")
+needs_kernel = pytest.mark.skipif(kernels is None, reason="the kernels did not build here")
 
 
 def make_case(
@@ -68,9 +69,9 @@ def reference(
 
 
 def run(query: torch.Tensor, *cache_and_tables: torch.Tensor) -> torch.Tensor:
-    assert op is not None
+    assert kernels is not None
     out = torch.empty(query.shape, dtype=query.dtype)
-    op(query, *cache_and_tables, query.shape[-1] ** -0.5, out)
+    kernels.paged_decode_attention(query, *cache_and_tables, query.shape[-1] ** -0.5, out)
     return out
 
 
@@ -160,8 +161,82 @@ def test_mismatched_dtypes_are_refused() -> None:
 def test_a_failed_build_leaves_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """No compiler (or a broken one): the loader logs why and returns None, and the runner keeps its torch ops."""
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    native.paged_decode_attention.cache_clear()
+    native.kernels.cache_clear()
     try:
-        assert native.paged_decode_attention() is None
+        assert native.kernels() is None
     finally:
-        native.paged_decode_attention.cache_clear()
+        native.kernels.cache_clear()
+
+
+# The fused per-token steps against the torch ops they replace: same math in float32, rounded once at the end, so
+# within a rounding of the output dtype (torch's bf16 ops round in between, ours do not).
+STEP_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+
+
+def assert_step_close(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = STEP_TOLERANCE[dtype]
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=atol, rtol=rtol)
+
+
+@needs_kernel
+@DTYPES
+def test_rms_norm_matches_torch(dtype: torch.dtype) -> None:
+    assert kernels is not None
+    generator = torch.Generator().manual_seed(6)
+    wide = torch.randn(37, 700, generator=generator).to(dtype)
+    x = wide[:, :576]  # rows strided, as an index_select's or a slice's may be
+    weight = (1 + torch.randn(576, generator=generator) / 4).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype)
+    kernels.rms_norm(x, weight, 1e-5, out)
+    expected = torch.nn.functional.rms_norm(x.float(), (576,), weight.float(), 1e-5)
+    assert_step_close(out, expected, dtype)
+
+
+@needs_kernel
+@DTYPES
+def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
+    assert kernels is not None
+    generator = torch.Generator().manual_seed(7)
+    gate_up = (torch.randn(33, 2 * 1536, generator=generator) * 6).to(dtype)  # gates far into both tails
+    gate_up[0, :4] = torch.tensor([-200.0, -90.0, 90.0, 200.0])  # past the exp's clamp: silu ~ 0 and ~ x
+    out = torch.empty(33, 1536, dtype=dtype)
+    kernels.silu_mul(gate_up, out)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    assert_step_close(out, torch.nn.functional.silu(gate) * up, dtype)
+
+
+@needs_kernel
+@DTYPES
+def test_rotary_matches_torch(dtype: torch.dtype) -> None:
+    """As the runner calls it: q and k heads of the fused projection (a strided view), signed sin table."""
+    assert kernels is not None
+    generator = torch.Generator().manual_seed(8)
+    tokens, heads, dim = 21, 12, 64
+    fused = torch.randn(tokens, (heads + 3) * dim, generator=generator).to(dtype)
+    x = fused[:, : heads * dim].view(tokens, heads, dim)
+    angles = torch.rand(tokens, 1, dim // 2, generator=generator) * 6.28
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype)
+    kernels.rotary(x, cos, sin, out)
+    expected = x.float() * cos.float() + x.float().roll(dim // 2, dims=-1) * sin.float()
+    assert_step_close(out, expected, dtype)
+
+
+@needs_kernel
+def test_write_kv_puts_each_token_in_its_slot_and_nothing_else() -> None:
+    assert kernels is not None
+    generator = torch.Generator().manual_seed(9)
+    kv_heads, blocks, block_size, dim = 3, 6, 4, 8
+    k_cache, v_cache = torch.zeros(kv_heads, blocks, block_size, dim), torch.zeros(kv_heads, blocks, block_size, dim)
+    fused = torch.randn(5, 2 * kv_heads + 9, dim, generator=generator)
+    k, v = fused[:, 9 : 9 + kv_heads], fused[:, 9 + kv_heads :]  # strided views, as the runner's
+    slots = torch.tensor([23, 0, 5, 6, 17])
+    kernels.write_kv(k, v, k_cache, v_cache, slots)
+    expected_k, expected_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    expected_k.view(kv_heads, -1, dim)[:, slots] = k.transpose(0, 1)
+    expected_v.view(kv_heads, -1, dim)[:, slots] = v.transpose(0, 1)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    with pytest.raises(RuntimeError, match="slot 24 out of range"):
+        kernels.write_kv(k, v, k_cache, v_cache, torch.tensor([1, 2, 3, 4, 24]))

@@ -1,4 +1,4 @@
-// Decode attention that reads the paged KV cache in place (built and loaded by worker/native.py).
+// Decode attention that reads the paged KV cache in place (worker/native.py builds and loads it).
 //
 // The torch path (worker/runner.py, _decode_attention) first gathers every sequence's blocks into one contiguous
 // copy, pads the query group to a matrix, and runs two bf16 matmuls around a float32 softmax: on a 64-sequence step
@@ -22,31 +22,9 @@
 #include <immintrin.h>
 #endif
 
-namespace {
+#include "fast_exp.h"
 
-// exp(x) for x <= 0, written so the compiler vectorizes it (a call to expf does not, and was a quarter of the
-// kernel's time). 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and p the degree-6 Taylor polynomial: within
-// 2 ulp of expf. Below -87 the result is clamped near 2^-126, nothing beside the row's maximum's exp(0) = 1.
-#pragma omp declare simd notinbranch
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693145751953125f;  // ln2 in two parts (Cody-Waite), so r keeps its low bits
-  r = r - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;  // times 2^n, by the exponent field
-  float result;
-  std::memcpy(&result, &bits, sizeof result);
-  return result;
-}
+namespace {
 
 // The two ways to do a tile of up to TILE keys (or values) of one block: portable C++ the compiler vectorizes, and
 // AVX-512 intrinsics for head sizes of whole vectors. The portable dot product ends each key with a horizontal sum
@@ -234,7 +212,7 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
         for (int64_t t = 0; t < length; ++t) {
-          row[t] = exp_nonpositive(row[t] - peak);
+          row[t] = tandem::exp_clamped(row[t] - peak);
           total += row[t];
         }
         const float inverse = 1.0f / total;

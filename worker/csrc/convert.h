@@ -1,0 +1,38 @@
+// Element conversions to and from float32 that the compiler vectorizes. c10::BFloat16's own float -> bf16 cast
+// branches on NaN and stayed scalar: SiLU over a 256-token prefill ran at 1.6 ns an element, a third of a layer.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <bit>
+#include <cstdint>
+
+namespace tandem {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename scalar_t>
+scalar_t from_float(float x);
+
+template <>
+inline float from_float<float>(float x) {
+  return x;
+}
+
+// Round to nearest even, NaN to the quiet NaN 0x7FC0: the same bits as c10's conversion, without its branch.
+template <>
+inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(x != x ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+template <>
+inline c10::Half from_float<c10::Half>(float x) {
+  return c10::Half(x);
+}
+
+}  // namespace tandem
