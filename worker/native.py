@@ -1,7 +1,8 @@
 """Our C++ CPU kernels (worker/csrc/): compiled for this machine on first use, then loaded from a cache.
 
 `paged_decode_attention` reads the paged KV cache in place (csrc/paged_attention.cpp); `rms_norm`, `silu_mul`,
-`rotary` and `write_kv` are a decoder layer's small steps, each in one pass (csrc/fused_ops.cpp). The library is
+`rotary` and `write_kv` are a decoder layer's small steps, each in one pass (csrc/fused_ops.cpp); `int4_gemm` and
+`int8_gemm` multiply by integer weights (csrc/quant_gemm.cpp, AVX512-BF16 CPUs only). The library is
 compiled with `-march=native`, so a build is keyed by everything that shapes it: the source, torch's version,
 the compiler and this CPU's feature flags. Builds land in `$TANDEM_CACHE_DIR/native` (the worker's cache folder,
 ~/.cache/tandem by default); `make` builds it at install (`python -m worker.native`) so no worker waits for it.
@@ -43,6 +44,9 @@ class Kernels:
     silu_mul: Callable[..., None]
     rotary: Callable[..., None]
     write_kv: Callable[..., None]
+    int4_gemm: Callable[..., None]
+    int8_gemm: Callable[..., None]
+    quant_gemm: bool  # whether int4_gemm and int8_gemm work here: they need AVX512-BF16
 
 
 def cache_folder() -> Path:
@@ -116,7 +120,16 @@ def kernels() -> Kernels | None:
         logger.warning("native kernels unavailable, using torch ops (slower): %s", error)
         return None
     ops = torch.ops.tandem
-    return Kernels(ops.paged_decode_attention, ops.rms_norm, ops.silu_mul, ops.rotary, ops.write_kv)
+    return Kernels(
+        ops.paged_decode_attention,
+        ops.rms_norm,
+        ops.silu_mul,
+        ops.rotary,
+        ops.write_kv,
+        ops.int4_gemm,
+        ops.int8_gemm,
+        bool(ops.quant_gemm_supported()),
+    )
 
 
 def main() -> int:

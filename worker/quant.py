@@ -1,12 +1,16 @@
-"""Weight-only int8 and int4 linear layers: integer codes packed once, multiplied directly by torch's CPU kernels."""
+"""Weight-only int8 and int4 linear layers: integer codes packed once, multiplied directly by our AVX512-BF16
+kernels (worker/csrc/quant_gemm.cpp) where they are built, else by torch's CPU kernels."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from worker.native import Kernels
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +138,67 @@ class Int4Kernel:
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
 
 
+NATIVE_COLUMNS = 16  # worker/csrc/quant_gemm.cpp's tile: output columns per vector of sums
+
+
+class NativeInt4Kernel:
+    """x @ W.T on worker/csrc/quant_gemm.cpp's int4 kernel; codes repacked into its tiles, float32 scales and zeros.
+
+    Unlike torch's kernel it unpacks a tile once per 8 rows, so it stays ahead of dense bf16 from 1 row to a full
+    batch (bench/step.py); scales and zeros stay float32 where torch's kernel rounds them to bf16.
+    """
+
+    def __init__(self, weight: QuantWeight, gemm: Callable[..., None]) -> None:
+        assert weight.zero is not None
+        n, k = weight.shape
+        tiles = n // NATIVE_COLUMNS
+        # [tile, column j, k-quad q, pair p, element e], k = 4q + 2p + e -> byte 2j + e of quad q, pair p's nibble.
+        codes = weight.codes.view(tiles, NATIVE_COLUMNS, k // 4, 2, 2).permute(0, 2, 1, 4, 3)
+        self.packed = (codes[..., 0] | (codes[..., 1] << 4)).reshape(tiles, k // 4, 32).contiguous()
+        self.scales = weight.scale.view(tiles, NATIVE_COLUMNS, -1).transpose(1, 2).contiguous().float()
+        self.zeros = weight.zero.view(tiles, NATIVE_COLUMNS, -1).transpose(1, 2).contiguous().float()
+        self.group_size, self.out_features, self.gemm = weight.group_size, n, gemm
+        self.name = f"native int4 g{weight.group_size} ({weight.source})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = torch.empty(x.shape[0], self.out_features, dtype=KERNEL_DTYPE)
+        self.gemm(x.contiguous(), self.packed, self.scales, self.zeros, self.group_size, out)
+        return out
+
+
+class NativeInt8Kernel:
+    """x @ W.T on worker/csrc/quant_gemm.cpp's int8 kernel: codes repacked into its tiles, one float32 scale a row."""
+
+    def __init__(self, weight: QuantWeight, gemm: Callable[..., None]) -> None:
+        n, k = weight.shape
+        tiles = n // NATIVE_COLUMNS
+        # [tile, column j, k-pair p, element e] -> element 2j + e of pair p.
+        codes = weight.codes.view(tiles, NATIVE_COLUMNS, k // 2, 2).permute(0, 2, 1, 3)
+        self.packed = codes.reshape(tiles, k // 2, 32).contiguous()
+        self.scales = weight.scale.float().contiguous()
+        self.out_features, self.gemm = n, gemm
+        self.name = f"native int8 ({weight.source})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = torch.empty(x.shape[0], self.out_features, dtype=KERNEL_DTYPE)
+        self.gemm(x.contiguous(), self.packed, self.scales, out)
+        return out
+
+
+QuantKernel = Int8Kernel | Int4Kernel | NativeInt8Kernel | NativeInt4Kernel
+
+
+def _kernel(weight: QuantWeight, native: Kernels | None) -> QuantKernel:
+    """Ours where it is built and the shape fits its tiles, else torch's."""
+    n, k = weight.shape
+    if native is not None and native.quant_gemm and n % NATIVE_COLUMNS == 0:
+        if weight.bits == 8 and k % 2 == 0:
+            return NativeInt8Kernel(weight, native.int8_gemm)
+        if weight.bits == 4 and weight.group_size % 4 == 0 and k % weight.group_size == 0:
+            return NativeInt4Kernel(weight, native.int4_gemm)
+    return Int8Kernel(weight) if weight.bits == 8 else Int4Kernel(weight)
+
+
 def _alike(a: QuantWeight, b: QuantWeight) -> bool:
     return a.group_size == b.group_size and a.shape[1] == b.shape[1]
 
@@ -143,13 +208,17 @@ class QuantLinear:
 
     `weights` are the parts of a fused projection (q, k, v): alike neighbours are stacked into one kernel call;
     parts of different kinds (Q4_K_M keeps v in Q6_K beside q and k in Q4_K) run one call each.
-    Both kernels compute each output row on its own, in the same order whatever the number of rows (checked for
+    Every kernel computes each output row on its own, in the same order whatever the number of rows (checked for
     1-70 rows, and by tests/unit/test_runner.py's batch-invariance test per format), so they need no padding.
-    They are matrix-vector-like: at 1-4 rows they read 2-4x fewer weight bytes than bf16 and are faster; from ~16
-    rows up they unpack the weights again for every 4 rows and are slower than oneDNN's bf16 (bench/step.py).
+    torch's are matrix-vector-like: at 1-4 rows they read 2-4x fewer weight bytes than bf16 and are faster; from ~16
+    rows up they unpack the weights again for every 4 rows and are slower than oneDNN's bf16 (bench/step.py). Ours
+    (`NativeInt4Kernel`, `NativeInt8Kernel`) unpack once per 8 rows.
     """
 
-    def __init__(self, weights: list[QuantWeight], bias: Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self, weights: list[QuantWeight], bias: Tensor | None, dtype: torch.dtype, native: Kernels | None = None
+    ) -> None:
+        """`native`: the runner's native kernels, whose int4/int8 gemm is used where built (worker/native.py)."""
         groups: list[list[QuantWeight]] = []
         for weight in weights:
             if groups and _alike(groups[-1][-1], weight):
@@ -157,7 +226,7 @@ class QuantLinear:
             else:
                 groups.append([weight])
         self.weights = [QuantWeight.cat(group) if len(group) > 1 else group[0] for group in groups]
-        self.kernels = [Int8Kernel(w) if w.bits == 8 else Int4Kernel(w) for w in self.weights]
+        self.kernels = [_kernel(w, native) for w in self.weights]
         self.dtype, self.bias = dtype, bias
         self.out_features = sum(w.shape[0] for w in self.weights)
 

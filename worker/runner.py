@@ -350,7 +350,7 @@ class ModelRunner:
         bias = None if bias is None else bias.detach()
         parts = [self._quantized.get(self._names.get(m, "")) for m in modules]
         if all(part is not None for part in parts):
-            quantized = QuantLinear([p for p in parts if p is not None], bias, self.dtype)
+            quantized = QuantLinear([p for p in parts if p is not None], bias, self.dtype, self._kernels)
             if all(kernel_works(w) for w in quantized.weights):
                 return _SplitLinear(quantized, _Linear(weight.detach(), bias, self._pack))
             logger.warning("no int8/int4 kernel for %s here; it runs dequantized", self._names.get(modules[0]))

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from worker import native
+from worker import native, quant
+from worker.quant import QuantWeight
 
 kernels = native.kernels()
 
@@ -240,3 +241,54 @@ def test_write_kv_puts_each_token_in_its_slot_and_nothing_else() -> None:
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
     with pytest.raises(RuntimeError, match="slot 24 out of range"):
         kernels.write_kv(k, v, k_cache, v_cache, torch.tensor([1, 2, 3, 4, 24]))
+
+
+needs_quant_gemm = pytest.mark.skipif(
+    kernels is None or not kernels.quant_gemm, reason="the int4/int8 kernels need AVX512-BF16 and a build"
+)
+
+
+def quant_case(bits: int, n: int, k: int, seed: int) -> QuantWeight:
+    generator = torch.Generator().manual_seed(seed)
+    if bits == 8:
+        codes = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+        return QuantWeight(codes, torch.rand(n, generator=generator) / 50, source="test")
+    groups = k // 32
+    codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    scale, zero = torch.rand(n, groups, generator=generator) / 10, torch.randn(n, groups, generator=generator) / 10
+    return QuantWeight(codes, scale, zero, 32, source="test")
+
+
+@needs_quant_gemm
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
+def test_integer_gemm_matches_the_dequantized_weights(bits: int, rows: int) -> None:
+    """Each output: the row's bf16 activations times the dequantized weight, summed in float32, rounded once."""
+    assert kernels is not None
+    weight = quant_case(bits, n=96, k=320, seed=10 + bits)
+    kernel = (
+        quant.NativeInt8Kernel(weight, kernels.int8_gemm)
+        if bits == 8
+        else quant.NativeInt4Kernel(weight, kernels.int4_gemm)
+    )
+    x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    expected = x.double() @ weight.dequantize().double().t()
+    torch.testing.assert_close(kernel(x).double(), expected, atol=1e-2, rtol=1e-2)
+
+
+@needs_quant_gemm
+@pytest.mark.parametrize("bits", [4, 8])
+def test_integer_gemm_gives_a_row_the_same_bits_in_any_batch(bits: int) -> None:
+    """Rows go through the kernel 8 at a time, with fewer in a last pass: no row may notice."""
+    assert kernels is not None
+    weight = quant_case(bits, n=64, k=256, seed=20 + bits)
+    kernel = (
+        quant.NativeInt8Kernel(weight, kernels.int8_gemm)
+        if bits == 8
+        else quant.NativeInt4Kernel(weight, kernels.int4_gemm)
+    )
+    x = torch.randn(19, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    together = kernel(x)
+    for row in range(19):
+        assert torch.equal(kernel(x[row : row + 1])[0], together[row]), f"row {row}"
+    assert torch.equal(kernel(x[5:16]), together[5:16])

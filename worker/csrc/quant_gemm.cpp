@@ -1,0 +1,194 @@
+// x @ W.T for int4 and int8 weights, fast from 1 row to a full batch (worker/quant.py packs the weights).
+//
+// torch's CPU int4/int8 kernels are matrix-vector kernels: they unpack the weights again for every 4 rows, so from
+// ~16 rows up a step on them was slower than oneDNN's bf16 matmul over the dequantized weights (bench/step.py), and
+// the default GGUF start lost to `--quantize none` under load. Here a tile of 16 output columns is unpacked once per
+// 8 rows and multiplied on AVX512-BF16 dot products (vdpbf16ps): codes become exact bf16 integers, products with
+// the bf16 activations are exact, sums run in float32; scales (and int4's zero points) are applied per group in
+// float32. Every output element sums its group's products in one fixed order whatever the number of rows or the
+// threads, so a row's result does not depend on its batch.
+//
+// Layouts (built by worker/quant.py):
+//   int4: packed uint8 [N / 16, K / 4, 32]: byte 2j + e of k-quad q holds, for column j of the tile, the code of
+//         k = 4q + e in its low nibble and of k = 4q + 2 + e in its high nibble; codes 0..15 stand for code - 8.
+//         scales, zeros float32 [N / 16, K / group, 16]: w = (code - 8) * scale + zero.
+//   int8: packed int8 [N / 16, K / 2, 32]: element 2j + e of k-pair p is column j's code of k = 2p + e.
+//         scales float32 [N]: w = code * scale.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t COLUMNS = 16;  // a tile: one vector of float32 sums
+constexpr int ROWS = 8;          // rows per pass over a tile: 8 sums and 8 group partials in registers
+
+bool quant_gemm_supported() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+void check_common(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& out, int64_t k_per_entry) {
+  TORCH_CHECK(quant_gemm_supported(), "int4/int8 gemm needs AVX512-BF16 (this build has none)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous bf16 [rows, K]");
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == 32 &&
+                  packed.size(1) * k_per_entry == x.size(1),
+              "packed weight does not match x's K");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 &&
+                  out.size(0) == x.size(0) && out.size(1) == packed.size(0) * COLUMNS,
+              "out must be contiguous bf16 [rows, N]");
+}
+
+#if defined(__AVX512BF16__)
+// Calls pass(std::integral_constant<int, N>) with N = n in [1, ROWS]: register arrays sized at compile time.
+template <int N = ROWS, typename Pass>
+void with_rows(int64_t n, Pass&& pass) {
+  if constexpr (N >= 1) {
+    if (n == N) return pass(std::integral_constant<int, N>{});
+    with_rows<N - 1>(n, pass);
+  }
+}
+
+inline __m512bh pair_of(const c10::BFloat16* x) {  // x[0], x[1] in every 32-bit lane
+  int32_t bits;
+  std::memcpy(&bits, x, sizeof bits);
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
+}
+
+inline void store_bf16(c10::BFloat16* out, __m512 sums) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(sums)));
+}
+#endif
+
+void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+               int64_t group_size, at::Tensor out) {
+  check_common(x, packed, out, 4);
+  const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
+  TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && k_len % group_size == 0, "group size must divide K, by 4s");
+  const int64_t groups = k_len / group_size;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  zeros.is_contiguous() && scales.numel() == tiles * groups * COLUMNS &&
+                  zeros.numel() == scales.numel(),
+              "scales and zeros must be contiguous float32 [N / 16, K / group, 16]");
+#if defined(__AVX512BF16__)
+  const auto* x_data = x.data_ptr<c10::BFloat16>();
+  const auto* codes = packed.data_ptr<uint8_t>();
+  const float* scale_data = scales.data_ptr<float>();
+  const float* zero_data = zeros.data_ptr<float>();
+  auto* out_data = out.data_ptr<c10::BFloat16>();
+  // Each row's sum over each group, for the zero points: float32, in k order.
+  std::vector<float> x_sums(rows * groups);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      float sum = 0.0f;
+      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += static_cast<float>(x_data[r * k_len + k]);
+      x_sums[r * groups + g] = sum;
+    }
+  // bf16 bits of code - 8 for codes 0..15: vpermw turns each 16-bit code into its bf16 value.
+  alignas(64) uint16_t table_bits[32];
+  for (int code = 0; code < 32; ++code) table_bits[code] = c10::BFloat16(static_cast<float>(code % 16 - 8)).x;
+  const __m512i table = _mm512_load_si512(table_bits);
+  const __m512i low_nibble = _mm512_set1_epi16(0x0F);
+  const int64_t quads = k_len / 4, quads_per_group = group_size / 4;
+
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* tile = codes + t * quads * 32;
+      for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        with_rows(std::min<int64_t>(ROWS, rows - r0), [&](auto count) {
+          constexpr int R = decltype(count)::value;
+          __m512 sums[R];
+          for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
+          for (int64_t g = 0; g < groups; ++g) {
+            __m512 partial[R];
+            for (int r = 0; r < R; ++r) partial[r] = _mm512_setzero_ps();
+            for (int64_t q = g * quads_per_group; q < (g + 1) * quads_per_group; ++q) {
+              const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + q * 32)));
+              const __m512bh first = reinterpret_cast<__m512bh>(
+                  _mm512_permutexvar_epi16(_mm512_and_si512(wide, low_nibble), table));
+              const __m512bh second = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(wide, 4), table));
+              for (int r = 0; r < R; ++r) {
+                const c10::BFloat16* x_row = x_data + (r0 + r) * k_len + q * 4;
+                partial[r] = _mm512_dpbf16_ps(partial[r], first, pair_of(x_row));
+                partial[r] = _mm512_dpbf16_ps(partial[r], second, pair_of(x_row + 2));
+              }
+            }
+            const __m512 scale = _mm512_loadu_ps(scale_data + (t * groups + g) * COLUMNS);
+            const __m512 zero = _mm512_loadu_ps(zero_data + (t * groups + g) * COLUMNS);
+            for (int r = 0; r < R; ++r) {
+              sums[r] = _mm512_fmadd_ps(partial[r], scale, sums[r]);
+              sums[r] = _mm512_fmadd_ps(_mm512_set1_ps(x_sums[(r0 + r) * groups + g]), zero, sums[r]);
+            }
+          }
+          for (int r = 0; r < R; ++r) store_bf16(out_data + (r0 + r) * tiles * COLUMNS + t * COLUMNS, sums[r]);
+        });
+      }
+    }
+  });
+#endif
+}
+
+void int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor out) {
+  check_common(x, packed, out, 2);
+  const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * COLUMNS,
+              "scales must be contiguous float32 [N]");
+#if defined(__AVX512BF16__)
+  const auto* x_data = x.data_ptr<c10::BFloat16>();
+  const auto* codes = packed.data_ptr<int8_t>();
+  const float* scale_data = scales.data_ptr<float>();
+  auto* out_data = out.data_ptr<c10::BFloat16>();
+  const int64_t pairs = k_len / 2;
+
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int8_t* tile = codes + t * pairs * 32;
+      const __m512 scale = _mm512_loadu_ps(scale_data + t * COLUMNS);
+      for (int64_t r0 = 0; r0 < rows; r0 += ROWS) {
+        with_rows(std::min<int64_t>(ROWS, rows - r0), [&](auto count) {
+          constexpr int R = decltype(count)::value;
+          __m512 sums[R];
+          for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
+          for (int64_t p = 0; p < pairs; ++p) {
+            const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + p * 32)));
+            const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(wide)));
+            const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(wide, 1)));
+            const __m512bh weights = _mm512_cvtne2ps_pbh(high, low);  // codes are small integers: exact in bf16
+            for (int r = 0; r < R; ++r)
+              sums[r] = _mm512_dpbf16_ps(sums[r], weights, pair_of(x_data + (r0 + r) * k_len + p * 2));
+          }
+          for (int r = 0; r < R; ++r)
+            store_bf16(out_data + (r0 + r) * tiles * COLUMNS + t * COLUMNS, _mm512_mul_ps(sums[r], scale));
+        });
+      }
+    }
+  });
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(tandem, m) {
+  m.def("quant_gemm_supported() -> bool", quant_gemm_supported);
+  m.def("int4_gemm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor(a!) out) -> ()");
+  m.def("int8_gemm(Tensor x, Tensor packed, Tensor scales, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tandem, CPU, m) {
+  m.impl("int4_gemm", int4_gemm);
+  m.impl("int8_gemm", int8_gemm);
+}
