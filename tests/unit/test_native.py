@@ -259,36 +259,42 @@ def quant_case(bits: int, n: int, k: int, seed: int) -> QuantWeight:
     return QuantWeight(codes, scale, zero, 32, source="test")
 
 
+def native_kernel(weight: QuantWeight) -> quant.NativeInt4Kernel | quant.NativeInt8Kernel:
+    assert kernels is not None
+    if weight.bits == 8:
+        return quant.NativeInt8Kernel(weight, kernels.int8_gemm)
+    return quant.NativeInt4Kernel(weight, kernels.int4_gemm)
+
+
 @needs_quant_gemm
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
 def test_integer_gemm_matches_the_dequantized_weights(bits: int, rows: int) -> None:
     """Each output: the row's bf16 activations times the dequantized weight, summed in float32, rounded once."""
-    assert kernels is not None
     weight = quant_case(bits, n=96, k=320, seed=10 + bits)
-    kernel = (
-        quant.NativeInt8Kernel(weight, kernels.int8_gemm)
-        if bits == 8
-        else quant.NativeInt4Kernel(weight, kernels.int4_gemm)
-    )
     x = torch.randn(rows, 320, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     expected = x.double() @ weight.dequantize().double().t()
-    torch.testing.assert_close(kernel(x).double(), expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(native_kernel(weight)(x).double(), expected, atol=1e-2, rtol=1e-2)
 
 
 @needs_quant_gemm
 @pytest.mark.parametrize("bits", [4, 8])
 def test_integer_gemm_gives_a_row_the_same_bits_in_any_batch(bits: int) -> None:
-    """Rows go through the kernel 8 at a time, with fewer in a last pass: no row may notice."""
-    assert kernels is not None
-    weight = quant_case(bits, n=64, k=256, seed=20 + bits)
-    kernel = (
-        quant.NativeInt8Kernel(weight, kernels.int8_gemm)
-        if bits == 8
-        else quant.NativeInt4Kernel(weight, kernels.int4_gemm)
-    )
-    x = torch.randn(19, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    """Up to 8 rows take the register path, more the panel path (8 rows of 2 tiles at a time, fewer rows in a last
+    pass, an odd last tile alone: 5 tiles here): no row may notice which.
+
+    Random data would hide a change of summation order: its float32 sums are nearly exact and the bf16 output rounds
+    what is left away. So each group of 32 inputs opens with +2^20 and -2^20 on equal codes: whether the small
+    products are summed before or after those cancel decides whole units of the result.
+    """
+    weight = quant_case(bits, n=80, k=256, seed=20 + bits)
+    weight.codes[:, 2::32] = weight.codes[:, 0::32]
+    kernel = native_kernel(weight)
+    x = torch.randn(19, 256, generator=torch.Generator().manual_seed(3))
+    x[:, 0::32], x[:, 2::32] = 2.0**20, -(2.0**20)
+    x = x.to(torch.bfloat16)
     together = kernel(x)
     for row in range(19):
         assert torch.equal(kernel(x[row : row + 1])[0], together[row]), f"row {row}"
     assert torch.equal(kernel(x[5:16]), together[5:16])
+    assert torch.equal(kernel(x[2:10]), together[2:10])
