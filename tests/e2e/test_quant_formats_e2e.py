@@ -87,9 +87,12 @@ def test_each_format_answers_both_dialects_and_says_what_it_runs(quant_server: S
     assert openai.status_code == 200, openai.text
     body = openai.json()
     answer, usage = body["choices"][0]["message"]["content"], body["usage"]
-    # On topic, not noise; not always right: the written Q4_K_M file answers "L'Étoile (The City of Love) is the
-    # capital of France" (re-quantized 4-bit weights of a 135M model); the others name Paris.
-    assert body["model"] == model and ("Paris" in answer or "France" in answer), body
+    # Words, not noise. Not always right, nor always about France: these are re-quantized weights of a 135M model,
+    # whose first greedy token here is a near-tie ("The" or "L'", within one bf16 step of the logits), so rounding
+    # decides it. The written Q4_K_M file has answered "L'Étoile (The City of Love) is the capital of France", the
+    # Q8_0 file "L'Étoile, la Marseillaise, la femme," on one build and "The capital of France is Paris." on another.
+    # A broken kernel gives fragments, digits and symbols, or one token repeated.
+    assert body["model"] == model and ("Paris" in answer or "France" in answer or is_words(answer)), body
     assert 0 < usage["completion_tokens"] <= MAX_TOKENS and usage["prompt_tokens"] > 20
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
@@ -110,6 +113,13 @@ def test_each_format_answers_both_dialects_and_says_what_it_runs(quant_server: S
     assert (shown["details"]["quantization_level"], shown["details"]["format"]) == (level, source)
     log = quant_server.log_path.read_text(errors="replace")
     assert re.search(rf"loaded \S+ \({re.escape(source)}, torch\.\w+, {re.escape(level)}\)", log), log[-3000:]
+
+
+def is_words(text: str) -> bool:
+    """At least three distinct words of two letters or more, and letters most of what is not space."""
+    words = re.findall(r"[^\W\d_]{2,}", text)
+    letters = sum(ch.isalpha() for ch in text)
+    return len(set(words)) >= 3 and letters >= 0.6 * len("".join(text.split()))
 
 
 def loaded(server: Server) -> list[dict[str, Any]]:
