@@ -3,7 +3,7 @@
 `paged_decode_attention` reads the paged KV cache in place (csrc/paged_attention.cpp); `rms_norm`, `silu_mul`,
 `rotary` and `write_kv` are a decoder layer's small steps, each in one pass (csrc/fused_ops.cpp); `int4_gemm` and
 `int8_gemm` multiply by integer weights (csrc/quant_gemm.cpp, AVX512-BF16 CPUs only). The library is
-compiled with `-march=native`, so a build is keyed by everything that shapes it: the source, torch's version,
+compiled with `-march=native`, so a build is keyed by everything that shapes it: the sources, torch's version,
 the compiler and this CPU's feature flags. Builds land in `$TANDEM_CACHE_DIR/native` (the worker's cache folder,
 ~/.cache/tandem by default); `make` builds it at install (`python -m worker.native`) so no worker waits for it.
 Without a compiler, or with TANDEM_NATIVE=0, the runner keeps its torch ops: slower, never wrong.

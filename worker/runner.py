@@ -293,13 +293,14 @@ class ModelRunner:
         self.loras: list[LoraWeights | None] = [None]
         self._allocate_cache()
         logger.info(
-            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers, decode attention on %s%s",
+            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers, decode attention and per-token "
+            "steps on %s%s",
             len(self.layers),
             num_blocks,
             block_size,
             num_blocks * self.bytes_per_block(config, dtype, block_size) / 2**20,
             "prepacked oneDNN" if self._pack else "plain",
-            "the native kernel" if self._kernels else "torch ops",
+            "native kernels" if self._kernels else "torch ops",
             self._describe_quantized(),
         )
 
