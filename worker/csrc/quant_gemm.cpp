@@ -125,15 +125,21 @@ void panel_tiles(int64_t begin, int64_t end, int64_t pairs, const c10::BFloat16*
   for (int64_t t = begin; t < end; t += TILES) {
     const int64_t count = std::min<int64_t>(TILES, end - t);
     for (int64_t i = 0; i < count; ++i) unpack(t + i, scratch.data() + i * pairs);
-    auto finish_tile = [&](int i, int64_t g, int64_t row, __m512 partial, __m512 sums) {
-      return finish(t + i, g, row, partial, sums);
-    };
-    if (count == TILES)
+    if (count == TILES) {
+      auto finish_tile = [&](int i, int64_t g, int64_t row, __m512 partial, __m512 sums) {
+        return finish(t + i, g, row, partial, sums);
+      };
       multiply_panels<TILES>(panels, x, rows, k_len, groups, pairs_per_group, out + t * COLUMNS, out_stride,
                              finish_tile);
-    else
-      multiply_panels<1>(panels, x, rows, k_len, groups, pairs_per_group, out + t * COLUMNS, out_stride,
+      continue;
+    }
+    for (int64_t i = 0; i < count; ++i) {  // the last tiles, one at a time
+      auto finish_tile = [&](int, int64_t g, int64_t row, __m512 partial, __m512 sums) {
+        return finish(t + i, g, row, partial, sums);
+      };
+      multiply_panels<1>(panels + i, x, rows, k_len, groups, pairs_per_group, out + (t + i) * COLUMNS, out_stride,
                          finish_tile);
+    }
   }
 }
 #endif
