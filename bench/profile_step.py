@@ -2,9 +2,11 @@
 
 A decode step of `--batch` sequences with `--context` tokens cached each (dense weights, the GGUF file dequantized),
 or with `--prefill N` one prompt chunk of N tokens instead. Prints the operators by self CPU time: oneDNN's
-`_linear_pointwise` is the linear layers; `index_select`, `baddbmm`, `_softmax` and `bmm` are attention (gather the
-K/V blocks, scores, softmax, weighted values); `index_copy_` writes the new K/V. Repeat:
-`.venv/bin/python bench/profile_step.py --batch 64 --context 200`.
+`_linear_pointwise` is the linear layers; `tandem::paged_decode_attention` decode attention, `tandem::rms_norm`,
+`silu_mul`, `rotary` and `write_kv` the per-token steps (worker/csrc/); prefill attention (and decode attention with
+`TANDEM_NATIVE=0`) is `index_select`, `baddbmm`, `_softmax` and `bmm` (gather the K/V blocks, scores, softmax,
+weighted values), and the K/V write `index_copy_`. Repeat: `.venv/bin/python bench/profile_step.py --batch 64
+--context 200`.
 """
 
 from __future__ import annotations
