@@ -19,26 +19,13 @@
 
 namespace {
 
+using tandem::dispatch_float_types;
 using tandem::from_float;
 using tandem::to_float;
 
 constexpr int64_t ELEMENTS_PER_TASK = 16384;  // below this a thread's share is not worth waking it
 
 int64_t grain(int64_t row_elements) { return std::max<int64_t>(1, ELEMENTS_PER_TASK / std::max<int64_t>(1, row_elements)); }
-
-template <typename Body>
-void dispatch(const at::Tensor& like, const char* name, Body&& body) {
-  switch (like.scalar_type()) {
-    case at::kFloat:
-      return body(float{});
-    case at::kBFloat16:
-      return body(c10::BFloat16{});
-    case at::kHalf:
-      return body(c10::Half{});
-    default:
-      TORCH_CHECK(false, name, " takes float32, bfloat16 or float16, not ", like.scalar_type());
-  }
-}
 
 void check_rows(const at::Tensor& x, const at::Tensor& out, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.stride(1) == 1, name, ": x must be [rows, width], rows dense");
@@ -52,7 +39,7 @@ void rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, at::Ten
   TORCH_CHECK(weight.is_contiguous() && weight.numel() == width && weight.scalar_type() == x.scalar_type() &&
                   out.sizes() == x.sizes(),
               "rms_norm: weight [width] and out like x");
-  dispatch(x, "rms_norm", [&](auto type) {
+  dispatch_float_types(x, "rms_norm", [&](auto type) {
     using scalar_t = decltype(type);
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -79,7 +66,7 @@ void silu_mul(const at::Tensor& gate_up, at::Tensor out) {
   const int64_t rows = gate_up.size(0), width = gate_up.size(1) / 2, stride = gate_up.stride(0);
   TORCH_CHECK(gate_up.size(1) % 2 == 0 && out.size(0) == rows && out.size(1) == width,
               "silu_mul: gate_up [rows, 2 * width] and out [rows, width]");
-  dispatch(gate_up, "silu_mul", [&](auto type) {
+  dispatch_float_types(gate_up, "silu_mul", [&](auto type) {
     using scalar_t = decltype(type);
     const scalar_t* in = gate_up.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
@@ -110,7 +97,7 @@ void rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
               "rotary: cos and sin must be contiguous [tokens, head_dim] in x's dtype");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type(),
               "rotary: out must be contiguous like x");
-  dispatch(x, "rotary", [&](auto type) {
+  dispatch_float_types(x, "rotary", [&](auto type) {
     using scalar_t = decltype(type);
     const scalar_t* in = x.data_ptr<scalar_t>();
     const scalar_t* cos_table = cos.data_ptr<scalar_t>();

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "convert.h"
 #include "fast_exp.h"
 
 namespace {
@@ -274,16 +275,9 @@ void paged_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, 
     for (int64_t j = 0; j < (lens[seq] + block_size - 1) / block_size; ++j)
       TORCH_CHECK(tables[seq * table_len + j] >= 0 && tables[seq * table_len + j] < num_blocks, "a block id out of range");
   }
-  switch (query.scalar_type()) {
-    case at::kFloat:
-      return run<float>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
-    case at::kBFloat16:
-      return run<c10::BFloat16>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
-    case at::kHalf:
-      return run<c10::Half>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
-    default:
-      TORCH_CHECK(false, "paged_decode_attention takes float32, bfloat16 or float16, not ", query.scalar_type());
-  }
+  tandem::dispatch_float_types(query, "paged_decode_attention", [&](auto type) {
+    run<decltype(type)>(query, k_cache, v_cache, block_tables, context_lens, scale, out);
+  });
 }
 
 }  // namespace
