@@ -142,6 +142,45 @@ void panel_tiles(int64_t begin, int64_t end, int64_t pairs, const c10::BFloat16*
     }
   }
 }
+
+// Both integer gemms: the tiles in parallel, each multiplied straight from registers (up to ROWS rows) or from
+// panels (more rows). unpack(t, s, weights) writes step s of tile t: its STEP k-pairs as bf16 vectors (int4: a
+// quad's 2 pairs from one load; int8: 1 pair). Both paths sum each row's products in the same order.
+template <int STEP, typename Unpack, typename Finish>
+void gemm_tiles(int64_t tiles, const c10::BFloat16* x, int64_t rows, int64_t k_len, int64_t groups,
+                c10::BFloat16* out, Unpack&& unpack, Finish&& finish) {
+  const int64_t pairs = k_len / 2, pairs_per_group = pairs / groups, steps_per_group = pairs_per_group / STEP;
+  const int64_t out_stride = tiles * COLUMNS;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    if (rows > ROWS) {
+      auto unpack_panel = [&](int64_t t, __m512bh* panel) {
+        for (int64_t s = 0; s < pairs / STEP; ++s) unpack(t, s, panel + s * STEP);
+      };
+      panel_tiles(begin, end, pairs, x, rows, k_len, groups, pairs_per_group, out, out_stride, unpack_panel, finish);
+      return;
+    }
+    for (int64_t t = begin; t < end; ++t) {
+      with_rows(rows, [&](auto count) {
+        constexpr int R = decltype(count)::value;
+        __m512 sums[R];
+        for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < groups; ++g) {
+          __m512 partial[R];
+          for (int r = 0; r < R; ++r) partial[r] = _mm512_setzero_ps();
+          for (int64_t s = g * steps_per_group; s < (g + 1) * steps_per_group; ++s) {
+            __m512bh weights[STEP];
+            unpack(t, s, weights);
+            for (int r = 0; r < R; ++r)
+              for (int i = 0; i < STEP; ++i)
+                partial[r] = _mm512_dpbf16_ps(partial[r], weights[i], pair_of(x + r * k_len + 2 * (s * STEP + i)));
+          }
+          for (int r = 0; r < R; ++r) sums[r] = finish(t, g, r, partial[r], sums[r]);
+        }
+        for (int r = 0; r < R; ++r) store_bf16(out + r * out_stride + t * COLUMNS, sums[r]);
+      });
+    }
+  });
+}
 #endif
 
 void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
@@ -173,52 +212,20 @@ void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   for (int code = 0; code < 32; ++code) table_bits[code] = c10::BFloat16(static_cast<float>(code % 16 - 8)).x;
   const __m512i table = _mm512_load_si512(table_bits);
   const __m512i low_nibble = _mm512_set1_epi16(0x0F);
-  const int64_t quads = k_len / 4, quads_per_group = group_size / 4, out_stride = tiles * COLUMNS;
+  const int64_t quads = k_len / 4;
   // A quad's 32 bytes: its first pair (k = 4q, 4q + 1) in the low nibbles, its second (4q + 2, 4q + 3) in the high.
-  auto unpack_quad = [&](int64_t t, int64_t q, __m512bh& first, __m512bh& second) {
+  auto unpack_quad = [&](int64_t t, int64_t q, __m512bh* pairs) {
     const uint8_t* bytes = codes + (t * quads + q) * 32;
     const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
-    first = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_and_si512(wide, low_nibble), table));
-    second = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(wide, 4), table));
+    pairs[0] = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_and_si512(wide, low_nibble), table));
+    pairs[1] = reinterpret_cast<__m512bh>(_mm512_permutexvar_epi16(_mm512_srli_epi16(wide, 4), table));
   };
   auto finish = [&](int64_t t, int64_t g, int64_t row, __m512 partial, __m512 sums) {
     sums = _mm512_fmadd_ps(partial, _mm512_loadu_ps(scale_data + (t * groups + g) * COLUMNS), sums);
     const __m512 row_sum = _mm512_set1_ps(x_sums[row * groups + g]);
     return _mm512_fmadd_ps(row_sum, _mm512_loadu_ps(zero_data + (t * groups + g) * COLUMNS), sums);
   };
-
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    if (rows > ROWS) {
-      auto unpack = [&](int64_t t, __m512bh* panel) {
-        for (int64_t q = 0; q < quads; ++q) unpack_quad(t, q, panel[2 * q], panel[2 * q + 1]);
-      };
-      panel_tiles(begin, end, 2 * quads, x_data, rows, k_len, groups, group_size / 2, out_data, out_stride, unpack,
-                  finish);
-      return;
-    }
-    for (int64_t t = begin; t < end; ++t) {
-      with_rows(rows, [&](auto count) {
-        constexpr int R = decltype(count)::value;
-        __m512 sums[R];
-        for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; ++g) {
-          __m512 partial[R];
-          for (int r = 0; r < R; ++r) partial[r] = _mm512_setzero_ps();
-          for (int64_t q = g * quads_per_group; q < (g + 1) * quads_per_group; ++q) {
-            __m512bh first, second;
-            unpack_quad(t, q, first, second);
-            for (int r = 0; r < R; ++r) {
-              const c10::BFloat16* x_row = x_data + r * k_len + q * 4;
-              partial[r] = _mm512_dpbf16_ps(partial[r], first, pair_of(x_row));
-              partial[r] = _mm512_dpbf16_ps(partial[r], second, pair_of(x_row + 2));
-            }
-          }
-          for (int r = 0; r < R; ++r) sums[r] = finish(t, g, r, partial[r], sums[r]);
-        }
-        for (int r = 0; r < R; ++r) store_bf16(out_data + r * out_stride + t * COLUMNS, sums[r]);
-      });
-    }
-  });
+  gemm_tiles<2>(tiles, x_data, rows, k_len, groups, out_data, unpack_quad, finish);
 #endif
 }
 
@@ -232,41 +239,18 @@ void int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   const auto* codes = packed.data_ptr<int8_t>();
   const float* scale_data = scales.data_ptr<float>();
   auto* out_data = out.data_ptr<c10::BFloat16>();
-  const int64_t pairs = k_len / 2, out_stride = tiles * COLUMNS;
-  auto unpack_pair = [&](int64_t t, int64_t p) {  // codes are small integers: exact in bf16
+  const int64_t pairs = k_len / 2;
+  auto unpack_pair = [&](int64_t t, int64_t p, __m512bh* pair) {  // codes are small integers: exact in bf16
     const int8_t* bytes = codes + (t * pairs + p) * 32;
     const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
     const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(wide)));
     const __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(wide, 1)));
-    return _mm512_cvtne2ps_pbh(high, low);
+    pair[0] = _mm512_cvtne2ps_pbh(high, low);
   };
   auto finish = [&](int64_t t, int64_t, int64_t, __m512 partial, __m512) {  // one group: all of K
     return _mm512_mul_ps(partial, _mm512_loadu_ps(scale_data + t * COLUMNS));
   };
-
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    if (rows > ROWS) {
-      auto unpack = [&](int64_t t, __m512bh* panel) {
-        for (int64_t p = 0; p < pairs; ++p) panel[p] = unpack_pair(t, p);
-      };
-      panel_tiles(begin, end, pairs, x_data, rows, k_len, 1, pairs, out_data, out_stride, unpack, finish);
-      return;
-    }
-    for (int64_t t = begin; t < end; ++t) {
-      with_rows(rows, [&](auto count) {
-        constexpr int R = decltype(count)::value;
-        __m512 partial[R];
-        for (int r = 0; r < R; ++r) partial[r] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < pairs; ++p) {
-          const __m512bh weights = unpack_pair(t, p);
-          for (int r = 0; r < R; ++r)
-            partial[r] = _mm512_dpbf16_ps(partial[r], weights, pair_of(x_data + r * k_len + 2 * p));
-        }
-        for (int r = 0; r < R; ++r)
-          store_bf16(out_data + r * out_stride + t * COLUMNS, finish(t, 0, r, partial[r], _mm512_setzero_ps()));
-      });
-    }
-  });
+  gemm_tiles<1>(tiles, x_data, rows, k_len, 1, out_data, unpack_pair, finish);
 #endif
 }
 
