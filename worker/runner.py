@@ -51,9 +51,10 @@ class SeqChunk:
     token_ids: list[int]  # tokens to run this step for one sequence (1 when decoding, many when prefilling)
     start_pos: int  # absolute position of token_ids[0]; KV for positions [0, start_pos) is already in the cache
     block_table: list[int]  # this sequence's KV block ids, covering positions [0, start_pos + len(token_ids))
-    # Prompt tokens take the prefill path even one at a time (the tail of a chunked or prefix-cached prompt):
-    # its attention rounds differently from the decode path's, and a prompt's logits must not depend on how
-    # the scheduler happened to split it, or greedy output would depend on the batch it shared.
+    # Prompt tokens take the prefill path even one at a time (the tail of a chunked or prefix-cached prompt): its
+    # linears (with integer weights) and its attention on torch ops round differently from the decode path's, and a
+    # prompt's logits must not depend on how the scheduler happened to split it, or greedy output would depend on the
+    # batch it shared. (The native attention kernel serves both kinds of row alike: _PagedRows.)
     prompt: bool = False
     key: Hashable = None  # the sequence's identity, for a runner that keeps state per sequence (fallback_serial.py)
     adapter: int = 0  # LoRA slot (ModelRunner.loras) whose delta its rows get; 0: none, the base model
@@ -177,12 +178,15 @@ class _DecodeGroup:
 
 
 @dataclass
-class _PagedDecode:
-    """All 1-token chunks, for the native kernel (worker/native.py), which reads their blocks in place."""
+class _PagedRows:
+    """Every row of the step, decode and prompt alike, for the native kernel (worker/native.py), which reads their
+    blocks in place: each row is a query that attends to its own sequence's first `length` positions. A prompt row
+    thus gets the same arithmetic as a decode row at its position, so how the scheduler splits a prompt (or whether
+    its tail is prefilled or decoded) changes none of its bits."""
 
     rows: slice  # their rows in the flat batch
     tables: Tensor  # [rows, max_blocks] int64 block ids, padded with block 0 (never read)
-    lengths: Tensor  # [rows] int64 context lengths, the new token's included
+    lengths: Tensor  # [rows] int64 context lengths, the row's own token included
 
 
 @dataclass
@@ -193,7 +197,7 @@ class _Step:
     slots: Tensor  # [T] flat KV slot of each token
     cos: Tensor  # [T, 1, D]
     sin: Tensor  # [T, 1, D], sign of rotate_half folded in
-    decode: list[_DecodeGroup] | list[_PagedDecode]
+    decode: list[_DecodeGroup] | list[_PagedRows]  # _PagedRows: all rows, prompt ones too (prefills empty)
     prefills: list[_Prefill]
     logit_rows: Tensor  # row of each chunk's last token: decode chunks first, then prefill chunks
     decode_rows: int  # tokens of decode chunks: the first rows of the batch (and of logit_rows)
@@ -438,19 +442,19 @@ class ModelRunner:
         """Attention output [T, H * D]: all decode rows in one batched call, then each prefill chunk."""
         outputs = []
         for group in step.decode:
-            if isinstance(group, _PagedDecode):
-                outputs.append(self._paged_decode_attention(index, q[group.rows], group))
+            if isinstance(group, _PagedRows):
+                outputs.append(self._paged_attention(index, q[group.rows], group))
             else:
                 outputs.append(self._decode_attention(index, q[group.rows], group))
         for prefill in step.prefills:
             outputs.append(self._prefill_attention(index, q, k, v, prefill))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def _paged_decode_attention(self, index: int, q: Tensor, decode: _PagedDecode) -> Tensor:
+    def _paged_attention(self, index: int, q: Tensor, paged: _PagedRows) -> Tensor:
         assert self._kernels is not None
         out = torch.empty(q.shape, device=self.device, dtype=self.dtype)
         k_cache, v_cache, scale = self.k_cache[index], self.v_cache[index], self.head_dim**-0.5
-        self._kernels.paged_decode_attention(q, k_cache, v_cache, decode.tables, decode.lengths, scale, out)
+        self._kernels.paged_decode_attention(q, k_cache, v_cache, paged.tables, paged.lengths, scale, out)
         return out.view(q.shape[0], -1)
 
     def _decode_attention(self, index: int, q: Tensor, group: _DecodeGroup) -> Tensor:
@@ -545,14 +549,22 @@ class ModelRunner:
             logit_rows[i] = len(input_ids) - 1
         position_ids = self._tensor(positions)
         cos, sin = self._rope(max(positions) + 1)
+        if self._kernels is not None:
+            paged: list[_DecodeGroup] | list[_PagedRows] = [
+                self._paged_rows([chunks[i] for i in decode + prefill], position_ids)
+            ]
+            prefills = []
+        else:
+            paged = self._prepare_decode([chunks[i] for i in decode]) if decode else []
+            prefills = self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode))
         return _Step(
             input_ids=self._tensor(input_ids),
             slots=self._tensor(slots),
             cos=cos.index_select(0, position_ids).unsqueeze(1),
             sin=sin.index_select(0, position_ids).unsqueeze(1),
-            decode=self._prepare_decode([chunks[i] for i in decode]) if decode else [],
+            decode=paged,
             decode_rows=len(decode),
-            prefills=self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode)),
+            prefills=prefills,
             logit_rows=self._tensor([logit_rows[i] for i in decode + prefill]),
             caller_order=None if order == list(range(len(chunks))) else self._tensor(order),
             lora=self._lora_groups(adapter_rows, len(input_ids)),
@@ -567,14 +579,21 @@ class ModelRunner:
             groups.append(LoraGroup(weights, None if len(rows) == num_rows else self._tensor(rows)))
         return groups
 
-    def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup] | list[_PagedDecode]:
+    def _paged_rows(self, chunks: list[SeqChunk], positions: Tensor) -> _PagedRows:
+        """Each token of the chunks (in that order, at `positions`) as a row with its sequence's block table."""
+        num_blocks = -(-(int(positions.max()) + 1) // self.block_size)
+        tables = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
+        tables = tables.view(len(chunks), num_blocks)
+        if len(positions) > len(chunks):  # a prompt chunk's rows share its table
+            tables = tables.repeat_interleave(self._tensor([len(chunk.token_ids) for chunk in chunks]), dim=0)
+        return _PagedRows(rows=slice(0, len(positions)), tables=tables, lengths=positions + 1)
+
+    def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup]:
         contexts = [chunk.start_pos + 1 for chunk in chunks]
         longest = max(contexts)
         num_blocks = -(-longest // self.block_size)
         blocks = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
         blocks = blocks.view(len(chunks), num_blocks)
-        if self._kernels is not None:
-            return [_PagedDecode(rows=slice(0, len(chunks)), tables=blocks, lengths=self._tensor(contexts))]
         positions = torch.arange(num_blocks * self.block_size, device=self.device)
         bias = self._bias(positions[None, :] < self._tensor(contexts)[:, None])[:, None, :]  # [rows, 1, keys]
         size = len(chunks)  # one group on a GPU; on a CPU, groups that fit its cache (see CPU_DECODE_GATHER_BYTES)

@@ -118,6 +118,31 @@ def test_a_sequence_gets_the_same_bits_alone_and_in_any_batch(layout: dict[str, 
 
 
 @needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS[:2] + LAYOUTS[3:4])
+def test_a_prompt_chunks_rows_get_the_same_bits_as_each_alone(layout: dict[str, int]) -> None:
+    """The runner hands a prompt chunk's rows over as rows sharing one block table, each at its own length; the
+    kernel takes such rows in runs (MAX_RUN, fewer at long contexts), and no row may notice: the bits of each equal
+    those of the row alone, and match the float64 reference. Two chunks (one at 2,500 tokens, where runs shrink to
+    fit RUN_SCORE_BYTES) sit between decode rows of other sequences."""
+    query, k_cache, v_cache, tables, _ = make_case(
+        batch=4, lengths=[2600, 40, 300, 7], dtype=torch.bfloat16, seed=5, **layout
+    )
+    # rows: a decode of seq 1, 11 rows of seq 0's chunk at 2,490-2,500, a decode of seq 3, 20 rows of seq 2 at 281-300
+    rows = [(1, 40)] + [(0, n) for n in range(2490, 2501)] + [(3, 7)] + [(2, n) for n in range(281, 301)]
+    generator = torch.Generator().manual_seed(6)
+    fused = torch.randn(len(rows), query.shape[1] + 3, query.shape[2], generator=generator).to(torch.bfloat16)
+    q = fused[:, : query.shape[1]]
+    row_tables = tables[[seq for seq, _ in rows]].contiguous()
+    lens = torch.tensor([n for _, n in rows])
+    together = run(q, k_cache, v_cache, row_tables, lens)
+    for i in range(len(rows)):
+        alone = run(q[i : i + 1], k_cache, v_cache, row_tables[i : i + 1], lens[i : i + 1])
+        assert torch.equal(alone[0], together[i]), f"row {i}"
+    expected = reference(q, k_cache, v_cache, row_tables, lens)
+    torch.testing.assert_close(together.double(), expected, atol=1e-2, rtol=1e-2)
+
+
+@needs_kernel
 def test_blocks_outside_a_context_are_never_read() -> None:
     """Table entries past a sequence's blocks are padding (the runner pads with block 0) and NaN blocks elsewhere
     in the cache stay unread: only the blocks of [0, length) matter."""

@@ -305,9 +305,9 @@ def test_same_logits_alone_and_among_any_neighbours(
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)], ids=["fp32", "bf16"])
 def test_prefill_attention_in_query_blocks_changes_nothing(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    """Long contexts run a chunk's attention in blocks of query rows (PREFILL_SCORE_BYTES): bit for bit the same
-    logits and cache as in one call, for a first chunk and for one after a cached prefix. The chunks' query rows
-    (51 and 39 tokens x 2 heads) leave a last block of 2 rows, fewer than MIN_MATMUL_ROWS, which _attend pads."""
+    """On torch ops, long contexts run a chunk's attention in blocks of query rows (PREFILL_SCORE_BYTES): bit for bit
+    the same logits and cache as in one call, for a first chunk and for one after a cached prefix. The chunks' query
+    rows (51 and 39 tokens x 2 heads) leave a last block of 2 rows, fewer than MIN_MATMUL_ROWS, which _attend pads."""
     torch.manual_seed(0)
     config = LlamaConfig(**TINY, **TINY_HEADS)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -315,10 +315,37 @@ def test_prefill_attention_in_query_blocks_changes_nothing(monkeypatch: pytest.M
     results = []
     for score_bytes in (2**30, 1):  # one call; blocks of MIN_MATMUL_ROWS query rows
         monkeypatch.setattr(runner_module, "PREFILL_SCORE_BYTES", score_bytes)
-        runner = ModelRunner(model, device=torch.device("cpu"), dtype=dtype, num_blocks=32, block_size=4)
+        runner = ModelRunner(
+            model, device=torch.device("cpu"), dtype=dtype, num_blocks=32, block_size=4, native=False
+        )  # the native kernel has no prefill path of its own: prompt rows take its decode path (the next test)
         block_table = list(range(31, 8, -1))  # 23 blocks of 4, not in order
         logits = [runner.forward([SeqChunk(ids[a:b], a, block_table, prompt=True)])[0] for a, b in ((0, 51), (51, 90))]
         results.append((logits, [cache.clone() for cache in runner.k_cache + runner.v_cache]))
     (whole, whole_cache), (blocked, blocked_cache) = results
     assert all(torch.equal(a, b) for a, b in zip(whole, blocked, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(whole_cache, blocked_cache, strict=True))
+
+
+@pytest.mark.skipif(runner_module.native_kernels.kernels() is None, reason="the native kernels did not build here")
+def test_native_attention_gives_a_prompt_token_the_bits_of_the_same_token_decoded(
+    loaded: LoadedModel, runner: ModelRunner, blocks: list[int]
+) -> None:
+    """With the native kernels a prompt's rows go through the paged kernel as decode rows do, each at its own
+    length: the prompt's last-token logits (and the cache it leaves) are the same bits whether that token is the end
+    of a prefill chunk, decoded alone after it, or part of a chunk beside decode rows of another sequence."""
+    ids, other = tokens(loaded, PROMPTS[0]), tokens(loaded, PROMPTS[1])
+    whole_table = table(blocks, len(ids))
+    whole = runner.forward([SeqChunk(ids, 0, whole_table, prompt=True)])[0]
+    split_table = table(blocks, len(ids))
+    runner.forward([SeqChunk(ids[:-1], 0, split_table, prompt=True)])
+    decoded = runner.forward([SeqChunk(ids[-1:], len(ids) - 1, split_table)])[0]
+    assert torch.equal(whole, decoded)
+    other_table, mixed_table = table(blocks, len(other) + 1), table(blocks, len(ids))
+    runner.forward([SeqChunk(other, 0, other_table, prompt=True)])
+    mixed = runner.forward([SeqChunk([7], len(other), other_table), SeqChunk(ids, 0, mixed_table, prompt=True)])[1]
+    assert torch.equal(whole, mixed)
+    layer = len(runner.layers) - 1
+    for cache in (runner.k_cache[layer], runner.v_cache[layer]):
+        for position in (0, len(ids) // 2, len(ids) - 1):
+            block, offset = divmod(position, BLOCK_SIZE)
+            assert torch.equal(cache[:, whole_table[block], offset], cache[:, mixed_table[block], offset])

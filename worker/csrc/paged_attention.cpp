@@ -1,17 +1,22 @@
-// Decode attention that reads the paged KV cache in place (worker/native.py builds and loads it).
+// Attention that reads the paged KV cache in place, for every row of a step: decode rows and prompt rows alike, each
+// a query attending to the first `length` positions of its sequence (worker/native.py builds and loads it).
 //
 // The torch path (worker/runner.py, _decode_attention) first gathers every sequence's blocks into one contiguous
 // copy, pads the query group to a matrix, and runs two bf16 matmuls around a float32 softmax: on a 64-sequence step
 // the gather alone was 16-19 % of the step and the whole attention 35-40 % (bench/profile_step.py). Here each
-// (sequence, KV head) pair is one work item: its query heads' scores, softmax and weighted sum of V, all in float32,
-// read straight from the blocks of its table. A pair's result depends only on its own query, blocks and length, and
-// the order of every sum is fixed at compile time: a sequence gets the same bits whatever its batch neighbours are.
+// (row, KV head) pair computes its query heads' scores, softmax and weighted sum of V, all in float32, read
+// straight from the blocks of its table. A row's result depends only on its own query, blocks and length, and the
+// order of every sum is fixed at compile time: a row gets the same bits whatever its batch neighbours are, and a
+// prompt token the same as if it were decoded. Prompt chunks' rows run this way too since it beat the torch prefill
+// path (gather, masked bf16 matmuls) by 8-11 % a whole step at contexts below ~2,500 tokens; at 6,000 a 256-token
+// chunk is 6 % slower, its fp32 dot products against bf16 matmuls (bench/step.py --prefill 256 --prefill-at 6000).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -164,8 +169,38 @@ inline void prefetch_block(const void* block, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(block) + offset);
 }
 
-// One work item per (sequence, KV head): its query heads' scores, softmax and weighted values, tile by tile.
-// Tile: Portable<scalar_t> or Avx512<scalar_t, DIM>; DIM 0 means the head size is only known at run time.
+// Rows of one sequence (a prompt chunk's) are taken together, up to this many: each tile of keys or values is then
+// read from memory once for all of them and from L1 for the rest. One row at a time, a 256-token chunk at 6,000
+// tokens of context read each head's K and V from L3 once per row, and its step was 1.26x the torch path's.
+constexpr int64_t MAX_RUN = 8;
+constexpr int64_t RUN_SCORE_BYTES = 256 * 1024;  // a run's float32 scores stay about the size of L2
+
+// Consecutive rows with the same block table, in runs of up to MAX_RUN (fewer where their scores would outgrow
+// RUN_SCORE_BYTES): [first row, row count] pairs.
+std::vector<std::pair<int64_t, int64_t>> runs_of_rows(const int64_t* tables, const int64_t* lens, int64_t batch,
+                                                      int64_t table_len, int64_t group) {
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t row = 0; row < batch; ++row) {
+    if (!runs.empty()) {
+      auto& [first, count] = runs.back();
+      const int64_t longest = std::max(lens[first], lens[row]) + TILE;
+      const int64_t limit = std::clamp<int64_t>(RUN_SCORE_BYTES / (4 * group * longest), 1, MAX_RUN);
+      const bool same_table =
+          std::memcmp(tables + first * table_len, tables + row * table_len, table_len * sizeof(int64_t)) == 0;
+      if (same_table && count < limit) {
+        ++count;
+        continue;
+      }
+    }
+    runs.emplace_back(row, 1);
+  }
+  return runs;
+}
+
+// One work item per (run of rows, KV head): each row's query heads' scores, softmax and weighted values, tile by
+// tile. Every row does exactly what it would alone (same tiles, same order of every sum), so its bits do not depend
+// on the run it shares or on its batch. Tile: Portable<scalar_t> or Avx512<scalar_t, DIM>; DIM 0 means the head size
+// is only known at run time.
 template <typename scalar_t, typename Tile, int DIM>
 void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, at::Tensor& out) {
@@ -183,55 +218,79 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
   scalar_t* out_data = out.data_ptr<scalar_t>();
   const float softmax_scale = static_cast<float>(scale);
   const int64_t block_elems = block_size * dim;
+  const auto runs = runs_of_rows(tables, lens, batch, table_len, group);
 
-  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> queries(group * dim), sums(group * dim), scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads, length = lens[seq];
+  // Items are handed out one at a time, last first: a prompt chunk's rows grow in length down the batch, so even
+  // halves of the items gave one thread three quarters of the work. Which thread runs an item changes none of its
+  // arithmetic.
+  const int64_t items = static_cast<int64_t>(runs.size()) * num_kv_heads;
+  std::atomic<int64_t> next_item{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> queries, sums, scores;
+    for (int64_t taken; (taken = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
+      const int64_t item = items - 1 - taken;
+      const auto [first, count] = runs[item / num_kv_heads];
+      const int64_t kv_head = item % num_kv_heads;
+      int64_t longest = 0;
+      for (int64_t r = 0; r < count; ++r) longest = std::max(longest, lens[first + r]);
       // A tile's scores are written as whole vectors, up to TILE - 1 past the context: each row has room for them.
-      const int64_t row_len = length + TILE;
-      const int64_t* table = tables + seq * table_len;
-      scores.resize(group * row_len);
-      for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* q = q_data + seq * q_row + (kv_head * group + g) * q_head;
-        for (int d = 0; d < dim; ++d) queries[g * dim + d] = static_cast<float>(q[d]) * softmax_scale;
-      }
+      const int64_t row_len = longest + TILE, run_stride = group * row_len;
+      const int64_t* table = tables + first * table_len;
+      queries.resize(count * group * dim);
+      sums.assign(count * group * dim, 0.0f);
+      scores.resize(count * run_stride);
+      for (int64_t r = 0; r < count; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          const scalar_t* q = q_data + (first + r) * q_row + (kv_head * group + g) * q_head;
+          float* scaled = queries.data() + (r * group + g) * dim;
+          for (int d = 0; d < dim; ++d) scaled[d] = static_cast<float>(q[d]) * softmax_scale;
+        }
+      // The rows' tiles: a row's tile at t ends at its own length, or at TILE, or at the block's end.
+      const auto tile_rows = [&](int64_t length, int64_t t) { return std::min({TILE, length - t, block_size - t % block_size}); };
       const scalar_t* k_head = k_data + kv_head * num_blocks * block_elems;
       const scalar_t* v_head = v_data + kv_head * num_blocks * block_elems;
-      for (int64_t t = 0, rows; t < length; t += rows) {  // tiles end at block ends too
-        rows = std::min({TILE, length - t, block_size - t % block_size});
-        if (t % block_size == 0 && t + block_size < length)
+      for (int64_t t = 0; t < longest; t += tile_rows(longest, t)) {  // tiles end at block ends too
+        if (t % block_size == 0 && t + block_size < longest)
           prefetch_block(k_head + table[t / block_size + 1] * block_elems, block_elems * sizeof(scalar_t));
         const scalar_t* keys = k_head + table[t / block_size] * block_elems + (t % block_size) * dim;
-        Tile::scores(queries.data(), group, dim, keys, rows, scores.data() + t, row_len);
+        for (int64_t r = 0; r < count; ++r)
+          if (t < lens[first + r])
+            Tile::scores(queries.data() + r * group * dim, group, dim, keys, tile_rows(lens[first + r], t),
+                         scores.data() + r * run_stride + t, row_len);
       }
-      for (int64_t g = 0; g < group; ++g) {  // softmax over the row's `length` scores, in float32
-        float* row = &scores[g * row_len];
-        float peak = -INFINITY;
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t length = lens[first + r];
+        for (int64_t g = 0; g < group; ++g) {  // softmax over the row's `length` scores, in float32
+          float* row = &scores[r * run_stride + g * row_len];
+          float peak = -INFINITY;
 #pragma omp simd reduction(max : peak)
-        for (int64_t t = 0; t < length; ++t) peak = row[t] > peak ? row[t] : peak;
-        float total = 0.0f;
+          for (int64_t t = 0; t < length; ++t) peak = row[t] > peak ? row[t] : peak;
+          float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < length; ++t) {
-          row[t] = tandem::exp_clamped(row[t] - peak);
-          total += row[t];
-        }
-        const float inverse = 1.0f / total;
+          for (int64_t t = 0; t < length; ++t) {
+            row[t] = tandem::exp_clamped(row[t] - peak);
+            total += row[t];
+          }
+          const float inverse = 1.0f / total;
 #pragma omp simd
-        for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
+          for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
+        }
       }
-      std::fill(sums.begin(), sums.end(), 0.0f);
-      for (int64_t t = 0, rows; t < length; t += rows) {
-        rows = std::min({TILE, length - t, block_size - t % block_size});
-        if (t % block_size == 0 && t + block_size < length)
+      for (int64_t t = 0; t < longest; t += tile_rows(longest, t)) {
+        if (t % block_size == 0 && t + block_size < longest)
           prefetch_block(v_head + table[t / block_size + 1] * block_elems, block_elems * sizeof(scalar_t));
         const scalar_t* values = v_head + table[t / block_size] * block_elems + (t % block_size) * dim;
-        Tile::values(scores.data() + t, row_len, group, dim, values, rows, sums.data());
+        for (int64_t r = 0; r < count; ++r)
+          if (t < lens[first + r])
+            Tile::values(scores.data() + r * run_stride + t, row_len, group, dim, values,
+                         tile_rows(lens[first + r], t), sums.data() + r * group * dim);
       }
-      for (int64_t g = 0; g < group; ++g) {
-        scalar_t* o = out_data + (seq * num_heads + kv_head * group + g) * dim;
-        for (int d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(sums[g * dim + d]);
-      }
+      for (int64_t r = 0; r < count; ++r)
+        for (int64_t g = 0; g < group; ++g) {
+          scalar_t* o = out_data + ((first + r) * num_heads + kv_head * group + g) * dim;
+          const float* sum = sums.data() + (r * group + g) * dim;
+          for (int d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(sum[d]);
+        }
     }
   });
 }
