@@ -199,12 +199,21 @@ void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   const float* scale_data = scales.data_ptr<float>();
   const float* zero_data = zeros.data_ptr<float>();
   auto* out_data = out.data_ptr<c10::BFloat16>();
-  // Each row's sum over each group, for the zero points: float32, in k order.
+  // Each row's sum over each group, for the zero points: float32, 16 lanes over the group's whole vectors, then the
+  // lanes and the rest in k order. Vectorized: one add at a time, before the threads start, it was a fifth of the
+  // call at 60 rows.
   std::vector<float> x_sums(rows * groups);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
-      float sum = 0.0f;
-      for (int64_t k = g * group_size; k < (g + 1) * group_size; ++k) sum += static_cast<float>(x_data[r * k_len + k]);
+      const c10::BFloat16* group = x_data + r * k_len + g * group_size;
+      __m512 lanes = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 16 <= group_size; k += 16) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + k));
+        lanes = _mm512_add_ps(lanes, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+      }
+      float sum = _mm512_reduce_add_ps(lanes);
+      for (; k < group_size; ++k) sum += static_cast<float>(group[k]);
       x_sums[r * groups + g] = sum;
     }
   // bf16 bits of code - 8 for codes 0..15: vpermw turns each 16-bit code into its bf16 value.
