@@ -323,3 +323,57 @@ def test_integer_gemm_gives_a_row_the_same_bits_in_any_batch(bits: int) -> None:
         assert torch.equal(kernel(x[row : row + 1])[0], together[row]), f"row {row}"
     assert torch.equal(kernel(x[5:16]), together[5:16])
     assert torch.equal(kernel(x[2:10]), together[2:10])
+
+
+needs_w4a8 = pytest.mark.skipif(
+    kernels is None or not kernels.w4a8, reason="the int4 x int8 kernel needs AVX512-VNNI and AVX512-BF16 and a build"
+)
+
+
+def int4_case(n: int, k: int, group_size: int, seed: int) -> QuantWeight:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
+    groups = k // group_size
+    scale, zero = torch.rand(n, groups, generator=generator) / 10, torch.randn(n, groups, generator=generator) / 10
+    return QuantWeight(codes, scale, zero, group_size, source="test")
+
+
+def w4a8_kernel(weight: QuantWeight) -> quant.NativeW4A8Kernel:
+    assert kernels is not None
+    return quant.NativeW4A8Kernel(weight, kernels.w4a8_gemm)
+
+
+def blocks_of_32_quantized(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernel sees them: per row and block of 32, codes round(x * 127 / max |x|) (float32,
+    ties to even) times max |x| / 127, in float64."""
+    blocks = x.float().view(x.shape[0], -1, 32)
+    peak = blocks.abs().amax(-1, keepdim=True)
+    codes = torch.round(blocks * torch.where(peak > 0, 127 / peak, 0))
+    return (codes.double() * (peak.double() / 127)).view(x.shape)
+
+
+@needs_w4a8
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 40])
+def test_w4a8_gemm_matches_blockwise_quantized_activations(group_size: int, rows: int) -> None:
+    """Each output: the row's activations quantized per block of 32 times the dequantized int4 weight, for weight
+    groups of one block (Q4_1) and of four (GPTQ's 128); rows up to 6 on the register path, more on panels."""
+    weight = int4_case(96, 384, group_size, seed=30 + group_size)
+    x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    x[0, :32] = 0  # a block of zeros: scale 0, no division by it
+    expected = blocks_of_32_quantized(x) @ weight.dequantize().double().t()
+    # Outputs reach ~8, where the one rounding to bf16 moves them by up to 0.016.
+    torch.testing.assert_close(w4a8_kernel(weight)(x).double(), expected, atol=0.02, rtol=1e-2)
+
+
+@needs_w4a8
+def test_w4a8_gemm_gives_a_row_the_same_bits_in_any_batch() -> None:
+    """Registers up to 6 rows, panels of 2 tiles x 6 rows beyond (5 tiles: an odd last one alone): a row's bits must
+    not depend on which path or pass it took."""
+    kernel = w4a8_kernel(int4_case(80, 256, 32, seed=40))
+    x = torch.randn(19, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    together = kernel(x)
+    for row in range(19):
+        assert torch.equal(kernel(x[row : row + 1])[0], together[row]), f"row {row}"
+    assert torch.equal(kernel(x[5:16]), together[5:16])
+    assert torch.equal(kernel(x[2:8]), together[2:8])

@@ -246,7 +246,9 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
           for (int d = 0; d < dim; ++d) scaled[d] = static_cast<float>(q[d]) * softmax_scale;
         }
       // The rows' tiles: a row's tile at t ends at its own length, or at TILE, or at the block's end.
-      const auto tile_rows = [&](int64_t length, int64_t t) { return std::min({TILE, length - t, block_size - t % block_size}); };
+      const auto tile_rows = [&](int64_t length, int64_t t) {
+        return std::min({TILE, length - t, block_size - t % block_size});
+      };
       const scalar_t* k_head = k_data + kv_head * num_blocks * block_elems;
       const scalar_t* v_head = v_data + kv_head * num_blocks * block_elems;
       for (int64_t t = 0; t < longest; t += tile_rows(longest, t)) {  // tiles end at block ends too
