@@ -349,3 +349,34 @@ def test_native_attention_gives_a_prompt_token_the_bits_of_the_same_token_decode
         for position in (0, len(ids) // 2, len(ids) - 1):
             block, offset = divmod(position, BLOCK_SIZE)
             assert torch.equal(cache[:, whole_table[block], offset], cache[:, mixed_table[block], offset])
+
+
+W4A8 = runner_module.native_kernels.kernels()
+needs_w4a8 = pytest.mark.skipif(W4A8 is None or not W4A8.w4a8, reason="no int4 x int8 kernel here (AVX512-VNNI)")
+
+
+@needs_w4a8
+def test_the_int4_x_int8_kernel_serves_prompt_rows_too(loaded: LoadedModel) -> None:
+    """The GGUF's Q4_1 layers on the int4 x int8 kernel take every row, prompt or generated, with no dense copy of
+    their weights; a prompt's last token then gets the bits of the same token decoded after the rest of it."""
+    model = copy.deepcopy(loaded.model).to(torch.bfloat16)
+    runner = ModelRunner(
+        model,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        num_blocks=NUM_BLOCKS,
+        quantized=quantized_weights(loaded, "gguf"),
+    )
+    layer = runner.layers[0]
+    assert all(isinstance(linear, _SplitLinear) and linear.dense is None for linear in (layer.qkv, layer.down))
+    assert isinstance(runner.lm_head, _SplitLinear) and runner.lm_head.dense is not None  # Q8_0: int8, split
+    free = list(range(NUM_BLOCKS))
+    ids = tokens(loaded, PROMPTS[2])
+    whole_table, split_table = table(free, len(ids)), table(free, len(ids))
+    whole = runner.forward([SeqChunk(ids, 0, whole_table, prompt=True)])[0]
+    runner.forward([SeqChunk(ids[:-1], 0, split_table, prompt=True)])
+    decoded = runner.forward([SeqChunk(ids[-1:], len(ids) - 1, split_table)])[0]
+    # The lm_head is split (a prompt's last row on dense bf16, a decoded one on int8): compare what feeds it.
+    assert torch.equal(runner.k_cache[-1][:, whole_table], runner.k_cache[-1][:, split_table])
+    assert torch.equal(runner.v_cache[-1][:, whole_table], runner.v_cache[-1][:, split_table])
+    assert whole.argmax() == decoded.argmax()
