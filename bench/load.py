@@ -99,7 +99,10 @@ def make_prompt(rng: random.Random, serial: str, words: int, system_words: int =
     """A distinct user message per request, after a system message every request shares (the template's default
     one when `system_words` is 0), as a chat UI's system prompt or an agent's instructions make."""
     notes = " ".join(rng.choice(WORDS) for _ in range(words))
-    text = f"Note {serial}: {notes}.\n\nWrite a short story that uses the words in the note above."
+    # The serial goes last: first, a user's successive serials (100000, 100001, ...) shared their leading digits, and
+    # with the template's system prompt that made a second 16-token block shared (prefix hit rate 0.18 instead of
+    # the system prompt's 0.10 at 4-64 users).
+    text = f"{notes.capitalize()}.\n\nWrite a short story that uses the words in the note above (note {serial})."
     messages = [{"role": "user", "content": text}]
     if system_words:
         messages.insert(0, {"role": "system", "content": system_message(system_words)})

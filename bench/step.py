@@ -5,7 +5,8 @@ one prefill chunk of `--prefill` tokens (after `--prefill-at` cached ones), per 
 column is the baseline of the ratio column. Repeat:
 `.venv/bin/python bench/step.py --dtypes float32 bfloat16 --batch 1 4 16 64`, or per weight format
 `.venv/bin/python bench/step.py --dtypes bfloat16 --formats dense Q4_1 Q8_0 Q4_K_M int8 int4`; long contexts:
-`.venv/bin/python bench/step.py --dtypes bfloat16 --prefill 256 --prefill-at 6000`.
+`.venv/bin/python bench/step.py --dtypes bfloat16 --prefill 256 --prefill-at 6000`; a loaded server's steps, decodes
+beside a prompt chunk: `--mixed 16:160 60:148`.
 
 Formats: dense (the GGUF file dequantized, `--quantize none`), a GGUF type (the shipped Q4_1 file's own tensors, or
 one of tests/gguf_writer.py's re-encodings, written once into ~/.cache/tandem/quality), int8/int4 (`--quantize`),
@@ -85,6 +86,13 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=200, help="cached tokens per decoding sequence")
     parser.add_argument("--prefill", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--prefill-at", type=int, default=0, help="cached tokens before each prefill chunk")
+    parser.add_argument(
+        "--mixed",
+        nargs="*",
+        default=[],
+        metavar="B:P",
+        help="steps of B decoding sequences beside one P-token prompt chunk, as a loaded server runs (e.g. 60:148)",
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
@@ -93,7 +101,10 @@ def main() -> int:
     keep_freed_memory()  # as the worker does
     cache = Path.home() / ".cache" / "tandem"
     per_seq = -(-(args.context + 1) // BLOCK)
-    blocks = max(max(args.batch) * per_seq, -(-(args.prefill_at + max(args.prefill)) // BLOCK)) + 1
+    mixed = [tuple(int(n) for n in case.split(":")) for case in args.mixed]
+    widest = max(args.batch + [b for b, _ in mixed])
+    longest = max(args.prefill + [p for _, p in mixed])
+    blocks = widest * per_seq + -(-(args.prefill_at + longest) // BLOCK) + 1
     runners: dict[str, ModelRunner] = {}
     for dtype in args.dtypes:
         loaded = load_model(None, device="cpu", dtype=dtype, cache_dir=cache, quantize="none")
@@ -110,6 +121,11 @@ def main() -> int:
         at = f" at {args.prefill_at}" if args.prefill_at else ""
         chunk = prefill_chunk(length, args.prefill_at)
         rows[f"prefill {length}{at}"] = time_steps(runners, [chunk], max(3, args.repeats // 4))
+    for batch, length in mixed:  # the prompt's blocks after the decoders' (prefill_chunk numbers its own from 0)
+        prompt = SeqChunk([1] * length, 0, [widest * per_seq + b for b in range(-(-length // BLOCK))], prompt=True)
+        rows[f"decode B={batch} + prefill {length}"] = time_steps(
+            runners, [*decode_chunks(batch, args.context), prompt], max(3, args.repeats // 2)
+        )
     columns = list(runners)
     base = columns[0]
     print(f"threads {torch.get_num_threads()}, context {args.context}\n")
