@@ -19,7 +19,10 @@ from tests.e2e.conftest import ROOT, Server
 
 pytestmark = pytest.mark.e2e
 
-QUESTION = "What is the capital of France?"
+# Greedy answers "The capital of France is Paris." on every path, 1.5 logits clear of the next first token. "What is
+# the capital of France?" is a tie at the first token ("The" against "L'" within 0.04 in float32; llama.cpp on the
+# same file answers "L'Étoile, la Marseillaise"), so which answer it got moved with any change of rounding.
+QUESTION = "Name the capital of France."
 
 
 def chat_line(custom_id: str, content: str = QUESTION) -> dict[str, object]:
@@ -109,8 +112,8 @@ def test_terminal_chat(server: Server) -> None:
     say(chat, "/set parameter num_predict 12")
     assert "Paris" in say(chat, QUESTION)
     chat.sendline('"""')
-    chat.sendline("What is the capital")
-    chat.sendline('of France?"""')
+    chat.sendline("Name the capital")
+    chat.sendline('of France."""')
     chat.expect_exact(">>> ")
     assert "Paris" in str(chat.before)
     assert "context length" in say(chat, "/show info") and "Cleared session context" in say(chat, "/clear")
