@@ -305,7 +305,7 @@ class ModelRunner:
         self.loras: list[LoraWeights | None] = [None]
         self._allocate_cache()
         logger.info(
-            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers, decode attention and per-token "
+            "runner: %d layers, %d KV blocks of %d tokens (%.1f MiB), %s linear layers, attention and per-token "
             "steps on %s%s",
             len(self.layers),
             num_blocks,
