@@ -205,7 +205,9 @@ class _Step:
     slots: Tensor  # [T] flat KV slot of each token
     cos: Tensor  # [T, 1, D]
     sin: Tensor  # [T, 1, D], sign of rotate_half folded in
-    decode: list[_DecodeGroup] | list[_PagedRows]  # _PagedRows: all rows, prompt ones too (prefills empty)
+    # Rows whose attention runs as batched calls: the decode rows on torch ops, or every row (prefills then
+    # empty) on the native kernel.
+    batched: list[_DecodeGroup] | list[_PagedRows]
     prefills: list[_Prefill]
     logit_rows: Tensor  # row of each chunk's last token: decode chunks first, then prefill chunks
     decode_rows: int  # tokens of decode chunks: the first rows of the batch (and of logit_rows)
@@ -449,9 +451,9 @@ class ModelRunner:
             self._v_slots[index].index_copy_(1, slots, v.transpose(0, 1))
 
     def _attention(self, index: int, q: Tensor, k: Tensor, v: Tensor, step: _Step) -> Tensor:
-        """Attention output [T, H * D]: all decode rows in one batched call, then each prefill chunk."""
+        """Attention output [T, H * D]: the batched rows (every row, on the native kernel), then each prefill chunk."""
         outputs = []
-        for group in step.decode:
+        for group in step.batched:
             if isinstance(group, _PagedRows):
                 outputs.append(self._paged_attention(index, q[group.rows], group))
             else:
@@ -557,22 +559,22 @@ class ModelRunner:
             positions += range(chunk.start_pos, end)
             slots += [table[pos // bs] * bs + pos % bs for pos in range(chunk.start_pos, end)]
             logit_rows[i] = len(input_ids) - 1
-        position_ids = self._tensor(positions)
-        cos, sin = self._rope(max(positions) + 1)
+        position_ids, longest = self._tensor(positions), max(positions) + 1
+        cos, sin = self._rope(longest)
         if self._kernels is not None:
-            paged: list[_DecodeGroup] | list[_PagedRows] = [
-                self._paged_rows([chunks[i] for i in decode + prefill], position_ids)
+            batched: list[_DecodeGroup] | list[_PagedRows] = [
+                self._paged_rows([chunks[i] for i in decode + prefill], position_ids, longest)
             ]
             prefills = []
         else:
-            paged = self._prepare_decode([chunks[i] for i in decode]) if decode else []
+            batched = self._prepare_decode([chunks[i] for i in decode]) if decode else []
             prefills = self._prepare_prefills([chunks[i] for i in prefill], first_row=len(decode))
         return _Step(
             input_ids=self._tensor(input_ids),
             slots=self._tensor(slots),
             cos=cos.index_select(0, position_ids).unsqueeze(1),
             sin=sin.index_select(0, position_ids).unsqueeze(1),
-            decode=paged,
+            batched=batched,
             decode_rows=len(decode),
             prefills=prefills,
             logit_rows=self._tensor([logit_rows[i] for i in decode + prefill]),
@@ -589,21 +591,24 @@ class ModelRunner:
             groups.append(LoraGroup(weights, None if len(rows) == num_rows else self._tensor(rows)))
         return groups
 
-    def _paged_rows(self, chunks: list[SeqChunk], positions: Tensor) -> _PagedRows:
-        """Each token of the chunks (in that order, at `positions`) as a row with its sequence's block table."""
-        num_blocks = -(-(int(positions.max()) + 1) // self.block_size)
+    def _block_tables(self, chunks: list[SeqChunk], longest: int) -> Tensor:
+        """[chunks, blocks of `longest` positions] int64: each chunk's table, padded with block 0 (never read)."""
+        num_blocks = -(-longest // self.block_size)
         tables = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
-        tables = tables.view(len(chunks), num_blocks)
+        return tables.view(len(chunks), num_blocks)
+
+    def _paged_rows(self, chunks: list[SeqChunk], positions: Tensor, longest: int) -> _PagedRows:
+        """Each token of the chunks (in that order, at `positions`, the longest context `longest`) as a row with its
+        sequence's block table."""
+        tables = self._block_tables(chunks, longest)
         if len(positions) > len(chunks):  # a prompt chunk's rows share its table
             tables = tables.repeat_interleave(self._tensor([len(chunk.token_ids) for chunk in chunks]), dim=0)
         return _PagedRows(rows=slice(0, len(positions)), tables=tables, lengths=positions + 1)
 
     def _prepare_decode(self, chunks: list[SeqChunk]) -> list[_DecodeGroup]:
         contexts = [chunk.start_pos + 1 for chunk in chunks]
-        longest = max(contexts)
-        num_blocks = -(-longest // self.block_size)
-        blocks = self._tensor([b for chunk in chunks for b in (chunk.block_table + [0] * num_blocks)[:num_blocks]])
-        blocks = blocks.view(len(chunks), num_blocks)
+        blocks = self._block_tables(chunks, max(contexts))
+        num_blocks = blocks.shape[1]
         positions = torch.arange(num_blocks * self.block_size, device=self.device)
         bias = self._bias(positions[None, :] < self._tensor(contexts)[:, None])[:, None, :]  # [rows, 1, keys]
         size = len(chunks)  # one group on a GPU; on a CPU, groups that fit its cache (see CPU_DECODE_GATHER_BYTES)

@@ -10,6 +10,10 @@
 #include <bit>
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace tandem {
 
 inline float to_float(float x) { return x; }
@@ -36,6 +40,18 @@ template <>
 inline c10::Half from_float<c10::Half>(float x) {
   return c10::Half(x);
 }
+
+#if defined(__AVX512F__)
+// 16 consecutive elements as float32 lanes.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 is the top half of a float32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
 
 // Calls body(scalar_t{}) for `like`'s dtype: the three every kernel here takes; others are refused by name.
 template <typename Body>

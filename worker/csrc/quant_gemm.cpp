@@ -31,6 +31,8 @@
 #include <immintrin.h>
 #endif
 
+#include "convert.h"
+
 namespace {
 
 constexpr int64_t COLUMNS = 16;  // a tile: one vector of float32 sums
@@ -62,6 +64,14 @@ void check_common(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == x.size(0) && out.size(1) == packed.size(0) * COLUMNS,
               "out must be contiguous bf16 [rows, N]");
+}
+
+// int4 weights' per-group scales and zero points, as worker/quant.py lays them out.
+void check_group_params(const at::Tensor& scales, const at::Tensor& zeros, int64_t tiles, int64_t groups) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
+                  zeros.is_contiguous() && scales.numel() == tiles * groups * COLUMNS &&
+                  zeros.numel() == scales.numel(),
+              "scales and zeros must be contiguous float32 [N / 16, K / group, 16]");
 }
 
 #if defined(__AVX512BF16__)
@@ -214,11 +224,7 @@ void quantize_blocks(const c10::BFloat16* x, int64_t rows, int64_t k_len, int8_t
     for (int64_t r = begin; r < end; ++r)
       for (int64_t b = 0; b < blocks; ++b) {
         const c10::BFloat16* in = x + r * k_len + b * ACT_BLOCK;
-        __m512 v[2];
-        for (int h = 0; h < 2; ++h) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + 16 * h));
-          v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-        }
+        const __m512 v[2] = {tandem::load16(in), tandem::load16(in + 16)};
         const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
         const float inverse = peak > 0.0f ? 127.0f / peak : 0.0f;
         __m512i sum = _mm512_setzero_si512();
@@ -289,10 +295,7 @@ void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
   TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && k_len % group_size == 0, "group size must divide K, by 4s");
   const int64_t groups = k_len / group_size;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  zeros.is_contiguous() && scales.numel() == tiles * groups * COLUMNS &&
-                  zeros.numel() == scales.numel(),
-              "scales and zeros must be contiguous float32 [N / 16, K / group, 16]");
+  check_group_params(scales, zeros, tiles, groups);
 #if defined(__AVX512BF16__)
   const auto* x_data = x.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<uint8_t>();
@@ -308,10 +311,7 @@ void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
       const c10::BFloat16* group = x_data + r * k_len + g * group_size;
       __m512 lanes = _mm512_setzero_ps();
       int64_t k = 0;
-      for (; k + 16 <= group_size; k += 16) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + k));
-        lanes = _mm512_add_ps(lanes, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
-      }
+      for (; k + 16 <= group_size; k += 16) lanes = _mm512_add_ps(lanes, tandem::load16(group + k));
       float sum = _mm512_reduce_add_ps(lanes);
       for (; k < group_size; ++k) sum += static_cast<float>(group[k]);
       x_sums[r * groups + g] = sum;
@@ -370,10 +370,7 @@ void w4a8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
   TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && k_len % group_size == 0, "group size must divide K, by 32s");
   const int64_t groups = k_len / group_size;
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && zeros.scalar_type() == at::kFloat && scales.is_contiguous() &&
-                  zeros.is_contiguous() && scales.numel() == tiles * groups * COLUMNS &&
-                  zeros.numel() == scales.numel(),
-              "scales and zeros must be contiguous float32 [N / 16, K / group, 16]");
+  check_group_params(scales, zeros, tiles, groups);
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
   const int64_t blocks = k_len / ACT_BLOCK, quads = k_len / 4, group_blocks = group_size / ACT_BLOCK;
   std::vector<int8_t> codes(rows * k_len);
