@@ -263,7 +263,11 @@ void w4a8_pass(Quad&& quad, const int8_t* codes, const float* x_scales, const fl
     __m512i dots[T][R];
     for (int i = 0; i < T; ++i)
       for (int r = 0; r < R; ++r) dots[i][r] = _mm512_setzero_si512();
-    for (int64_t q = b * (ACT_BLOCK / 4); q < (b + 1) * (ACT_BLOCK / 4); ++q) {
+    // A fixed count, unrolled: the dots stay in their registers. As a loop over q, GCC copied every dot between
+    // registers on each step, and the kernel ran 1.25-1.4x slower.
+#pragma GCC unroll 8
+    for (int j = 0; j < ACT_BLOCK / 4; ++j) {
+      const int64_t q = b * (ACT_BLOCK / 4) + j;
       __m512i weights[T];
       for (int i = 0; i < T; ++i) weights[i] = quad(i, q);
       for (int r = 0; r < R; ++r) {
