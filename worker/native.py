@@ -47,6 +47,7 @@ class Kernels:
     int4_gemm: Callable[..., None]
     int8_gemm: Callable[..., None]
     w4a8_gemm: Callable[..., None]
+    w8a8_gemm: Callable[..., None]
     quant_gemm: bool  # whether int4_gemm and int8_gemm work here: they need AVX512-BF16
     w4a8: bool  # whether w4a8_gemm works here: it needs AVX512-VNNI too
 
@@ -131,6 +132,7 @@ def kernels() -> Kernels | None:
         ops.int4_gemm,
         ops.int8_gemm,
         ops.w4a8_gemm,
+        ops.w8a8_gemm,
         bool(ops.quant_gemm_supported()),
         bool(ops.w4a8_supported()),
     )

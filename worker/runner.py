@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from worker import native as native_kernels
 from worker.lora import DOWN, GATE_UP, O_PROJ, QKV, LoraGroup, LoraWeights, add_lora
-from worker.quant import NativeW4A8Kernel, QuantLinear, QuantWeight, kernel_works
+from worker.quant import QuantLinear, QuantWeight, int4_as_int8_rows, kernel_works
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -120,18 +120,18 @@ class _SplitLinear:
     """Integer weights for decode rows, the dense prepacked matmul for prompt rows.
 
     Decoding reads every weight for a handful of rows: bandwidth-bound, so the int8/int4 kernels' 2-4x fewer bytes
-    win (a whole step 1.3x/1.7x faster at one sequence). Prefill is compute-bound, where those matrix-vector
-    kernels, which unpack the weights again for every 4 rows, made 512-token prefills 2x slower than oneDNN's bf16
-    matmul (bench/step.py). Which path a row takes depends
-    only on its kind (a prompt token or a generated one), never on the batch, so batch invariance holds; a prompt's
-    KV and first-token logits come from the dense weights, i.e. the dequantized integer weights.
+    win (a whole step 1.3x/1.7x faster at one sequence). Prefill is compute-bound, where the int4/int8 x bf16 kernels
+    fall behind oneDNN's bf16 matmul (bench/step.py), so prompt rows take the dense weights (the dequantized integer
+    weights). Which path a row takes depends only on its kind (a prompt token or a generated one), never on the
+    batch, so batch invariance holds.
 
-    Except where every kernel is the int4 x int8 one (NativeW4A8Kernel: int4 weights in groups of whole blocks of 32,
-    on a CPU with AVX512-VNNI): it keeps up with oneDNN's bf16 at prefill sizes, and one call over all rows beats
-    two and a concatenation (whole steps of 16-60 decodes beside a 148-160-token chunk 1.15-1.18x, prefills alone
-    1.06-1.10x; bench/step.py). Prompt rows then take it too, no dense copy is kept, and a prompt token's bits equal
-    the same token's decoded. It costs the prompt path 1.1 % perplexity on tests/data/perplexity.txt against bf16
-    activations (its activations are rounded to 8 bits per block of 32, as llama.cpp's are for this format).
+    Except on CPUs with AVX512-VNNI, whose integer kernels quantize the activations to int8 per block of 32 (as
+    llama.cpp does for these formats): int8 x int8 for int8 weights (and for int4 ones on a small model, see
+    quant.INT4_AS_INT8_MAX_BYTES), int4 x int8 for int4 weights in groups of whole blocks. They keep up with oneDNN's
+    bf16 at prefill sizes, and one call over all rows beats two and a concatenation (whole steps of 16-60 decodes
+    beside a 148-160-token chunk 1.15-1.18x for int4 x int8; bench/step.py). Prompt rows then take them too
+    (`dense` None), no dense copy is kept, and a prompt token's bits equal the same token's decoded. The int8
+    activations cost the prompt path ~1 % perplexity (README, Quality).
     """
 
     def __init__(self, quantized: QuantLinear, dense: _Linear | None) -> None:
@@ -292,7 +292,7 @@ class ModelRunner:
         self.norm = decoder.norm.weight.detach()
         self._pack = _can_pack(device, dtype)
         self._kernels = native_kernels.kernels() if native and device.type == "cpu" else None
-        self._quantized = quantized or {}
+        self._quantized = int4_as_int8_rows(quantized or {}, self._kernels)
         if self._quantized and device.type != "cpu":  # torch's int kernels here are the CPU ones
             logger.warning("int8/int4 kernels run on CPU only; dequantizing the weights for %s", device)
             self._quantized = {}
@@ -367,8 +367,8 @@ class ModelRunner:
         if all(part is not None for part in parts):
             quantized = QuantLinear([p for p in parts if p is not None], bias, self.dtype, self._kernels)
             if all(kernel_works(w) for w in quantized.weights):
-                if all(isinstance(kernel, NativeW4A8Kernel) for kernel in quantized.kernels):
-                    return _SplitLinear(quantized, None)  # it runs prompts too: no dense copy
+                if quantized.integer_activations:  # no dense copy: integer kernels take the prompt rows too
+                    return _SplitLinear(quantized, None)
                 return _SplitLinear(quantized, _Linear(weight.detach(), bias, self._pack))
             logger.warning("no int8/int4 kernel for %s here; it runs dequantized", self._names.get(modules[0]))
         return _Linear(weight.detach(), bias, self._pack)

@@ -348,7 +348,10 @@ def blocks_of_32_quantized(x: torch.Tensor) -> torch.Tensor:
     ties to even) times max |x| / 127, in float64."""
     blocks = x.float().view(x.shape[0], -1, 32)
     peak = blocks.abs().amax(-1, keepdim=True)
-    codes = torch.round(blocks * torch.where(peak > 0, 127 / peak, 0))
+    # 127 / max as a float32 division of two tensors, as the kernel does: torch computes `127 / tensor` as the
+    # tensor's reciprocal times 127, which moves codes near a half by one.
+    inverse = torch.where(peak > 0, torch.full_like(peak, 127) / peak, 0)
+    codes = torch.round(blocks * inverse)
     return (codes.double() * (peak.double() / 127)).view(x.shape)
 
 
@@ -366,14 +369,59 @@ def test_w4a8_gemm_matches_blockwise_quantized_activations(group_size: int, rows
     torch.testing.assert_close(w4a8_kernel(weight)(x).double(), expected, atol=0.02, rtol=1e-2)
 
 
+def w8a8_kernel(weight: QuantWeight) -> quant.NativeW8A8Kernel:
+    assert kernels is not None
+    return quant.NativeW8A8Kernel(weight, kernels.w8a8_gemm)
+
+
+def int8_case(n: int, k: int, seed: int) -> QuantWeight:
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+    codes[0, :8] = torch.tensor([-128, 127, -128, 127, -127, 126, 0, -1], dtype=torch.int8)  # both ends of the range
+    return QuantWeight(codes, torch.rand(n, generator=generator) / 100, source="test")
+
+
 @needs_w4a8
-def test_w4a8_gemm_gives_a_row_the_same_bits_in_any_batch() -> None:
-    """Registers up to 6 rows, panels of 2 tiles x 6 rows beyond (5 tiles: an odd last one alone): a row's bits must
-    not depend on which path or pass it took."""
-    kernel = w4a8_kernel(int4_case(80, 256, 32, seed=40))
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 40])
+def test_w8a8_gemm_matches_blockwise_quantized_activations(rows: int) -> None:
+    """Each output: the row's activations quantized per block of 32 times the int8 weight; 5 tiles, so the last
+    pass has one tile; rows up to 6 in one pass, more in several. The codes' +128 offset must cancel exactly."""
+    weight = int8_case(80, 384, seed=50)
+    x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    x[0, :32] = 0  # a block of zeros: scale 0, no division by it
+    x[-1, 32:64] = 3.0  # a block of one value: its codes all 127, the largest offset sum
+    expected = blocks_of_32_quantized(x) @ weight.dequantize().double().t()
+    torch.testing.assert_close(w8a8_kernel(weight)(x).double(), expected, atol=0.02, rtol=1e-2)
+
+
+@needs_w4a8
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activation_gemms_give_a_row_the_same_bits_in_any_batch(bits: int) -> None:
+    """int4 x int8 and int8 x int8: passes of up to 6 rows over 2 tiles (5 tiles: an odd last one alone); int4 in
+    registers up to 6 rows, from panels beyond. A row's bits must not depend on which path or pass it took."""
+    kernel = w4a8_kernel(int4_case(80, 256, 32, seed=40)) if bits == 4 else w8a8_kernel(int8_case(80, 256, seed=60))
     x = torch.randn(19, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     together = kernel(x)
     for row in range(19):
         assert torch.equal(kernel(x[row : row + 1])[0], together[row]), f"row {row}"
     assert torch.equal(kernel(x[5:16]), together[5:16])
     assert torch.equal(kernel(x[2:8]), together[2:8])
+
+
+@needs_w4a8
+def test_small_models_int4_weights_run_as_int8_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4_as_int8_rows: requantized to int8 rows (their dequantization within half a step of each row's scale)
+    while all of them fit INT4_AS_INT8_MAX_BYTES; int8 weights and shapes the kernel cannot take stay as they are."""
+    assert kernels is not None
+    weights = {
+        "a": int4_case(32, 64, 32, seed=1),
+        "b": int8_case(16, 64, seed=2),
+        "odd": int4_case(24, 64, 32, seed=3),  # 24 outputs: not whole tiles of 16
+    }
+    rows = quant.int4_as_int8_rows(weights, kernels)
+    assert rows["a"].bits == 8 and rows["a"].source == "test as int8 rows"
+    step = rows["a"].scale[:, None]
+    assert ((rows["a"].dequantize() - weights["a"].dequantize()).abs() <= step / 2 + 1e-6).all()
+    assert rows["b"] is weights["b"] and rows["odd"] is weights["odd"]
+    monkeypatch.setattr(quant, "INT4_AS_INT8_MAX_BYTES", 32 * 64 - 1)
+    assert quant.int4_as_int8_rows(weights, kernels) is weights

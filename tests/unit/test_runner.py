@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
+from worker import quant
 from worker import runner as runner_module
 from worker.gguf_weights import read_gguf_weights
 from worker.models import LoadedModel, cpu_has_bf16, default_model_path
@@ -259,13 +260,24 @@ def quantized_weights(loaded: LoadedModel, kind: str) -> dict[str, QuantWeight]:
         (torch.bfloat16, "gguf", True),
         (torch.bfloat16, "int8", True),
         (torch.bfloat16, "int4", True),
+        (torch.bfloat16, "gguf-int4", True),
         (torch.float32, "dense", False),
         pytest.param(torch.bfloat16, "dense", False, marks=needs_bf16),
     ],
-    ids=["fp32", "bf16", "fp32-gguf-q4_1", "bf16-gguf-q4_1", "bf16-int8", "bf16-int4", "fp32-torch", "bf16-torch"],
+    ids=[
+        "fp32",
+        "bf16",
+        "fp32-gguf-q4_1",
+        "bf16-gguf-q4_1",
+        "bf16-int8",
+        "bf16-int4",
+        "bf16-gguf-q4_1-kept-int4",
+        "fp32-torch",
+        "bf16-torch",
+    ],
 )
 def test_same_logits_alone_and_among_any_neighbours(
-    loaded: LoadedModel, dtype: torch.dtype, kind: str, native: bool
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, kind: str, native: bool
 ) -> None:
     """Bit for bit: greedy output must not depend on the batch, however the scheduler chunks and mixes it.
 
@@ -275,7 +287,9 @@ def test_same_logits_alone_and_among_any_neighbours(
     the native kernel (where it built) and on torch ops.
     """
     model = loaded.model if dtype == torch.float32 else copy.deepcopy(loaded.model).to(dtype)
-    quantized = quantized_weights(loaded, kind)
+    if kind == "gguf-int4":  # Q4_1 on the int4 kernels, as a model over INT4_AS_INT8_MAX_BYTES runs it
+        monkeypatch.setattr(quant, "INT4_AS_INT8_MAX_BYTES", 0)
+    quantized = quantized_weights(loaded, kind.removesuffix("-int4"))
     runner = ModelRunner(
         model, device=torch.device("cpu"), dtype=dtype, num_blocks=NUM_BLOCKS, quantized=quantized, native=native
     )
@@ -356,9 +370,16 @@ needs_w4a8 = pytest.mark.skipif(W4A8 is None or not W4A8.w4a8, reason="no int4 x
 
 
 @needs_w4a8
-def test_the_int4_x_int8_kernel_serves_prompt_rows_too(loaded: LoadedModel) -> None:
-    """The GGUF's Q4_1 layers on the int4 x int8 kernel take every row, prompt or generated, with no dense copy of
-    their weights; a prompt's last token then gets the bits of the same token decoded after the rest of it."""
+@pytest.mark.parametrize("int4_as_int8", [True, False], ids=["int8-rows", "int4"])
+def test_integer_activation_kernels_serve_prompt_rows_too(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, int4_as_int8: bool
+) -> None:
+    """With AVX512-VNNI every layer of the GGUF runs on a kernel with int8 activations, which takes every row,
+    prompt or generated, with no dense copy of its weights: the Q8_0 lm_head on int8 x int8, the Q4_1 layers on
+    int8 x int8 as int8 rows (a model this small) or on int4 x int8 (over INT4_AS_INT8_MAX_BYTES). A prompt's last
+    token then gets the bits of the same token decoded after the rest of it."""
+    if not int4_as_int8:
+        monkeypatch.setattr(quant, "INT4_AS_INT8_MAX_BYTES", 0)
     model = copy.deepcopy(loaded.model).to(torch.bfloat16)
     runner = ModelRunner(
         model,
@@ -368,15 +389,21 @@ def test_the_int4_x_int8_kernel_serves_prompt_rows_too(loaded: LoadedModel) -> N
         quantized=quantized_weights(loaded, "gguf"),
     )
     layer = runner.layers[0]
-    assert all(isinstance(linear, _SplitLinear) and linear.dense is None for linear in (layer.qkv, layer.down))
-    assert isinstance(runner.lm_head, _SplitLinear) and runner.lm_head.dense is not None  # Q8_0: int8, split
+    linears = (layer.qkv, layer.down, runner.lm_head)
+    assert all(isinstance(linear, _SplitLinear) and linear.dense is None for linear in linears)
+    [head_kernel] = runner.lm_head.quantized.kernels  # type: ignore[union-attr]
+    assert isinstance(head_kernel, quant.NativeW8A8Kernel)
+    [qkv_kernel] = layer.qkv.quantized.kernels  # type: ignore[union-attr]
+    if int4_as_int8:
+        assert isinstance(qkv_kernel, quant.NativeW8A8Kernel) and qkv_kernel.name.endswith("(Q4_1 as int8 rows)")
+    else:
+        assert isinstance(qkv_kernel, quant.NativeW4A8Kernel)
     free = list(range(NUM_BLOCKS))
     ids = tokens(loaded, PROMPTS[2])
     whole_table, split_table = table(free, len(ids)), table(free, len(ids))
     whole = runner.forward([SeqChunk(ids, 0, whole_table, prompt=True)])[0]
     runner.forward([SeqChunk(ids[:-1], 0, split_table, prompt=True)])
     decoded = runner.forward([SeqChunk(ids[-1:], len(ids) - 1, split_table)])[0]
-    # The lm_head is split (a prompt's last row on dense bf16, a decoded one on int8): compare what feeds it.
     assert torch.equal(runner.k_cache[-1][:, whole_table], runner.k_cache[-1][:, split_table])
     assert torch.equal(runner.v_cache[-1][:, whole_table], runner.v_cache[-1][:, split_table])
-    assert whole.argmax() == decoded.argmax()
+    assert torch.equal(whole, decoded)

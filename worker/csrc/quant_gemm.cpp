@@ -216,29 +216,59 @@ constexpr int64_t ACT_BLOCK = 32;
 constexpr int W8_TILES = 2;
 constexpr int W8_ROWS = 6;  // 2 tiles x 6 rows: 12 int32 dots and 12 float32 sums in registers
 
-// x [rows, K] bf16 -> codes int8 [rows, K], per (row, block) scale and scale * sum(codes).
-void quantize_blocks(const c10::BFloat16* x, int64_t rows, int64_t k_len, int8_t* codes, float* scales,
-                     float* scaled_sums) {
-  const int64_t blocks = k_len / ACT_BLOCK;
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const c10::BFloat16* in = x + r * k_len + b * ACT_BLOCK;
-        const __m512 v[2] = {tandem::load16(in), tandem::load16(in + 16)};
-        const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-        const float inverse = peak > 0.0f ? 127.0f / peak : 0.0f;
-        __m512i sum = _mm512_setzero_si512();
-        for (int h = 0; h < 2; ++h) {
-          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse)));  // nearest, even ties
-          sum = _mm512_add_epi32(sum, q);
-          auto* block_codes = reinterpret_cast<__m128i*>(codes + r * k_len + b * ACT_BLOCK + 16 * h);
-          _mm_storeu_si128(block_codes, _mm512_cvtsepi32_epi8(q));
+// x [rows, K] bf16 quantized per row and block of 32: codes int8 [rows, K]; per (row, block) the scale, the sum of
+// the codes and scale * that sum. rows(r0) points at row r0's, for a pass over the rows from there.
+struct QuantizedRows {
+  int64_t k_len, blocks;
+  std::vector<int8_t> codes;
+  std::vector<float> scales, scaled_sums;
+  std::vector<int32_t> sums;
+
+  struct From {
+    const int8_t* codes;
+    const float* scales;
+    const float* scaled_sums;
+    const int32_t* sums;
+  };
+
+  explicit QuantizedRows(const at::Tensor& x)
+      : k_len(x.size(1)), blocks(x.size(1) / ACT_BLOCK), codes(x.size(0) * k_len), scales(x.size(0) * blocks),
+        scaled_sums(scales.size()), sums(scales.size()) {
+    const c10::BFloat16* data = x.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t b = 0; b < blocks; ++b) {
+          const c10::BFloat16* in = data + r * k_len + b * ACT_BLOCK;
+          const __m512 v[2] = {tandem::load16(in), tandem::load16(in + 16)};
+          const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+          const float inverse = peak > 0.0f ? 127.0f / peak : 0.0f;
+          __m512i sum = _mm512_setzero_si512();
+          for (int h = 0; h < 2; ++h) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse)));  // nearest, even ties
+            sum = _mm512_add_epi32(sum, q);
+            auto* block_codes = reinterpret_cast<__m128i*>(codes.data() + r * k_len + b * ACT_BLOCK + 16 * h);
+            _mm_storeu_si128(block_codes, _mm512_cvtsepi32_epi8(q));
+          }
+          const float scale = peak / 127.0f;
+          const int32_t code_sum = _mm512_reduce_add_epi32(sum);
+          scales[r * blocks + b] = scale;
+          sums[r * blocks + b] = code_sum;
+          scaled_sums[r * blocks + b] = scale * static_cast<float>(code_sum);
         }
-        const float scale = peak / 127.0f;
-        scales[r * blocks + b] = scale;
-        scaled_sums[r * blocks + b] = scale * static_cast<float>(_mm512_reduce_add_epi32(sum));
-      }
-  });
+    });
+  }
+
+  From rows(int64_t r0) const {
+    return {codes.data() + r0 * k_len, scales.data() + r0 * blocks, scaled_sums.data() + r0 * blocks,
+            sums.data() + r0 * blocks};
+  }
+};
+
+// Calls pass(std::integral_constant<int, R>, r0) for each pass of up to W8_ROWS rows, r0 its first.
+template <typename Pass>
+void row_passes(int64_t rows, Pass&& pass) {
+  for (int64_t r0 = 0; r0 < rows; r0 += W8_ROWS)
+    with_rows<W8_ROWS>(std::min<int64_t>(W8_ROWS, rows - r0), [&](auto n) { pass(n, r0); });
 }
 
 // One quad of a tile (worker/quant.py's int4 layout) as 16 lanes of 4 unsigned codes, k = 4q .. 4q + 3 in order.
@@ -250,11 +280,30 @@ inline __m512i unsigned_quad(const uint8_t* bytes) {
   return _mm512_or_si512(low, _mm512_slli_epi32(high, 16));
 }
 
+// dots[i][r] += tile i's weights . row r's codes over block b's 8 quads, in k order; quad(i, q): tile i's quad q as
+// 16 lanes of 4 unsigned weights. A fixed count, unrolled, inlined: the dots stay in their registers. As a loop over
+// q, GCC copied every dot between registers on each step, and the int4 x int8 kernel ran 1.25-1.4x slower.
+template <int T, int R, typename Quad>
+__attribute__((always_inline)) inline void block_dots(Quad&& quad, const int8_t* codes, int64_t k_len, int64_t b,
+                                                      __m512i (&dots)[T][R]) {
+#pragma GCC unroll 8
+  for (int j = 0; j < ACT_BLOCK / 4; ++j) {
+    const int64_t q = b * (ACT_BLOCK / 4) + j;
+    __m512i weights[T];
+    for (int i = 0; i < T; ++i) weights[i] = quad(i, q);
+    for (int r = 0; r < R; ++r) {
+      int32_t x_quad;
+      std::memcpy(&x_quad, codes + r * k_len + 4 * q, sizeof x_quad);
+      const __m512i x4 = _mm512_set1_epi32(x_quad);
+      for (int i = 0; i < T; ++i) dots[i][r] = _mm512_dpbusd_epi32(dots[i][r], weights[i], x4);
+    }
+  }
+}
+
 // quad(i, q): tile i's quad q as unsigned_quad gives it (from a panel, or unpacked on the spot).
 template <int T, int R, typename Quad>
-void w4a8_pass(Quad&& quad, const int8_t* codes, const float* x_scales, const float* x_sums,
-               int64_t k_len, int64_t group_blocks, const float* const* w_scales, const float* const* w_zeros,
-               c10::BFloat16* out, int64_t out_stride) {
+void w4a8_pass(Quad&& quad, const QuantizedRows::From& x, int64_t k_len, int64_t group_blocks,
+               const float* const* w_scales, const float* const* w_zeros, c10::BFloat16* out, int64_t out_stride) {
   const int64_t blocks = k_len / ACT_BLOCK;
   __m512 sums[T][R];
   for (int i = 0; i < T; ++i)
@@ -263,33 +312,58 @@ void w4a8_pass(Quad&& quad, const int8_t* codes, const float* x_scales, const fl
     __m512i dots[T][R];
     for (int i = 0; i < T; ++i)
       for (int r = 0; r < R; ++r) dots[i][r] = _mm512_setzero_si512();
-    // A fixed count, unrolled: the dots stay in their registers. As a loop over q, GCC copied every dot between
-    // registers on each step, and the kernel ran 1.25-1.4x slower.
-#pragma GCC unroll 8
-    for (int j = 0; j < ACT_BLOCK / 4; ++j) {
-      const int64_t q = b * (ACT_BLOCK / 4) + j;
-      __m512i weights[T];
-      for (int i = 0; i < T; ++i) weights[i] = quad(i, q);
-      for (int r = 0; r < R; ++r) {
-        int32_t x_quad;
-        std::memcpy(&x_quad, codes + r * k_len + 4 * q, sizeof x_quad);
-        const __m512i x4 = _mm512_set1_epi32(x_quad);
-        for (int i = 0; i < T; ++i) dots[i][r] = _mm512_dpbusd_epi32(dots[i][r], weights[i], x4);
-      }
-    }
+    block_dots(quad, x.codes, k_len, b, dots);
     const int64_t g = b / group_blocks;
     for (int i = 0; i < T; ++i) {
       const __m512 scale = _mm512_loadu_ps(w_scales[i] + g * COLUMNS);
       const __m512 zero = _mm512_loadu_ps(w_zeros[i] + g * COLUMNS);
       for (int r = 0; r < R; ++r) {
-        const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(x_scales[r * blocks + b]));
+        const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(x.scales[r * blocks + b]));
         sums[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[i][r]), both, sums[i][r]);
-        sums[i][r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(x_sums[r * blocks + b]), sums[i][r]);
+        sums[i][r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(x.scaled_sums[r * blocks + b]), sums[i][r]);
       }
     }
   }
   for (int i = 0; i < T; ++i)
     for (int r = 0; r < R; ++r) store_bf16(out + r * out_stride + i * COLUMNS, sums[i][r]);
+}
+
+// Slice `part` of `parts` of the cache lines in [bytes, bytes + size), asked for ahead of use.
+inline void prefetch_slice(const uint8_t* bytes, int64_t size, int64_t part, int64_t parts) {
+  const int64_t lines = (size + 63) / 64;
+  for (int64_t line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+    __builtin_prefetch(bytes + line * 64);
+}
+
+// ---- int8 weights (one scale per column) x int8 activations (W8A8) -----------------------------------------------
+//
+// The weights' codes are stored offset by 128 (vpdpbusd's unsigned operand); each block's int32 dot starts from
+// -128 * (sum of the row's codes in the block), so it ends exact. With one weight scale per column, a block needs
+// only float(dot) * x scale added to the sums (2 float operations per 8 dot products, against W4A8's 4); the column
+// scale multiplies once at the end.
+template <int T, int R>
+void w8a8_pass(const uint8_t* const* tiles, const QuantizedRows::From& x, int64_t k_len,
+               const float* const* w_scales, c10::BFloat16* out, int64_t out_stride) {
+  const int64_t blocks = k_len / ACT_BLOCK;
+  __m512 sums[T][R];
+  for (int i = 0; i < T; ++i)
+    for (int r = 0; r < R; ++r) sums[i][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i dots[T][R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i start = _mm512_set1_epi32(-128 * x.sums[r * blocks + b]);
+      for (int i = 0; i < T; ++i) dots[i][r] = start;
+    }
+    block_dots([&](int i, int64_t q) { return _mm512_loadu_si512(tiles[i] + q * 64); }, x.codes, k_len, b, dots);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x_scale = _mm512_set1_ps(x.scales[r * blocks + b]);
+      for (int i = 0; i < T; ++i) sums[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[i][r]), x_scale, sums[i][r]);
+    }
+  }
+  for (int i = 0; i < T; ++i) {
+    const __m512 scale = _mm512_loadu_ps(w_scales[i]);
+    for (int r = 0; r < R; ++r) store_bf16(out + r * out_stride + i * COLUMNS, _mm512_mul_ps(sums[i][r], scale));
+  }
 }
 #endif
 
@@ -376,10 +450,8 @@ void w4a8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
   const int64_t groups = k_len / group_size;
   check_group_params(scales, zeros, tiles, groups);
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-  const int64_t blocks = k_len / ACT_BLOCK, quads = k_len / 4, group_blocks = group_size / ACT_BLOCK;
-  std::vector<int8_t> codes(rows * k_len);
-  std::vector<float> x_scales(rows * blocks), x_sums(rows * blocks);
-  quantize_blocks(x.data_ptr<c10::BFloat16>(), rows, k_len, codes.data(), x_scales.data(), x_sums.data());
+  const int64_t quads = k_len / 4, group_blocks = group_size / ACT_BLOCK;
+  const QuantizedRows quantized(x);
   const auto* weight_codes = packed.data_ptr<uint8_t>();
   const float* scale_data = scales.data_ptr<float>();
   const float* zero_data = zeros.data_ptr<float>();
@@ -408,21 +480,62 @@ void w4a8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
       const auto quad = [&](int i, int64_t q) {
         return panel ? scratch[i * quads + q] : unsigned_quad(weight_codes + ((t + i) * quads + q) * 32);
       };
-      for (int64_t r0 = 0; r0 < rows; r0 += W8_ROWS) {
-        with_rows<W8_ROWS>(std::min<int64_t>(W8_ROWS, rows - r0), [&](auto n) {
-          constexpr int R = decltype(n)::value;
-          const int8_t* row_codes = codes.data() + r0 * k_len;
-          const float* row_scales = x_scales.data() + r0 * blocks;
-          const float* row_sums = x_sums.data() + r0 * blocks;
-          c10::BFloat16* row_out = out_data + r0 * out_stride + t * COLUMNS;
-          if (count == W8_TILES)
-            w4a8_pass<W8_TILES, R>(quad, row_codes, row_scales, row_sums, k_len, group_blocks, w_scales, w_zeros,
-                                   row_out, out_stride);
-          else
-            w4a8_pass<1, R>(quad, row_codes, row_scales, row_sums, k_len, group_blocks, w_scales, w_zeros, row_out,
-                            out_stride);
-        });
+      row_passes(rows, [&](auto n, int64_t r0) {
+        constexpr int R = decltype(n)::value;
+        c10::BFloat16* row_out = out_data + r0 * out_stride + t * COLUMNS;
+        if (count == W8_TILES)
+          w4a8_pass<W8_TILES, R>(quad, quantized.rows(r0), k_len, group_blocks, w_scales, w_zeros, row_out,
+                                 out_stride);
+        else
+          w4a8_pass<1, R>(quad, quantized.rows(r0), k_len, group_blocks, w_scales, w_zeros, row_out, out_stride);
+      });
+    }
+  });
+#endif
+}
+
+void w8a8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor out) {
+  TORCH_CHECK(w4a8_supported(), "the int8 x int8 gemm needs AVX512-VNNI and AVX512-BF16 (this build lacks them)");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
+              "x must be contiguous bf16 [rows, K]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.is_contiguous() &&
+                  packed.size(2) == 64 && packed.size(1) * 4 == x.size(1) && x.size(1) % 32 == 0,
+              "packed weight does not match x's K (which must be whole blocks of 32)");
+  const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * COLUMNS,
+              "scales must be contiguous float32 [N]");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
+                  out.size(1) == tiles * COLUMNS,
+              "out must be contiguous bf16 [rows, N]");
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+  const int64_t quads = k_len / 4;
+  const QuantizedRows quantized(x);
+  const auto* weight_codes = packed.data_ptr<uint8_t>();
+  const float* scale_data = scales.data_ptr<float>();
+  auto* out_data = out.data_ptr<c10::BFloat16>();
+  const int64_t out_stride = tiles * COLUMNS;
+  const int64_t pairs = (tiles + W8_TILES - 1) / W8_TILES;
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t t = p * W8_TILES, count = std::min<int64_t>(W8_TILES, tiles - t);
+      const uint8_t* tile_codes[W8_TILES];
+      const float* w_scales[W8_TILES];
+      for (int64_t i = 0; i < count; ++i) {
+        tile_codes[i] = weight_codes + (t + i) * quads * 64;
+        w_scales[i] = scale_data + (t + i) * COLUMNS;
       }
+      // The next pair's bytes are asked for a slice per pass of rows, so they arrive while these are multiplied.
+      const int64_t passes = (rows + W8_ROWS - 1) / W8_ROWS;
+      const int64_t next_bytes = p + 1 < end ? std::min<int64_t>(W8_TILES, tiles - t - W8_TILES) * quads * 64 : 0;
+      row_passes(rows, [&](auto n, int64_t r0) {
+        constexpr int R = decltype(n)::value;
+        prefetch_slice(weight_codes + (t + W8_TILES) * quads * 64, next_bytes, r0 / W8_ROWS, passes);
+        c10::BFloat16* row_out = out_data + r0 * out_stride + t * COLUMNS;
+        if (count == W8_TILES)
+          w8a8_pass<W8_TILES, R>(tile_codes, quantized.rows(r0), k_len, w_scales, row_out, out_stride);
+        else
+          w8a8_pass<1, R>(tile_codes, quantized.rows(r0), k_len, w_scales, row_out, out_stride);
+      });
     }
   });
 #endif
@@ -436,10 +549,12 @@ TORCH_LIBRARY_FRAGMENT(tandem, m) {
   m.def("int8_gemm(Tensor x, Tensor packed, Tensor scales, Tensor(a!) out) -> ()");
   m.def("w4a8_supported() -> bool", w4a8_supported);
   m.def("w4a8_gemm(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor(a!) out) -> ()");
+  m.def("w8a8_gemm(Tensor x, Tensor packed, Tensor scales, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("int4_gemm", int4_gemm);
   m.impl("int8_gemm", int8_gemm);
   m.impl("w4a8_gemm", w4a8_gemm);
+  m.impl("w8a8_gemm", w8a8_gemm);
 }
