@@ -143,17 +143,23 @@ def test_a_prompt_chunks_rows_get_the_same_bits_as_each_alone(layout: dict[str, 
 
 
 @needs_kernel
-def test_blocks_outside_a_context_are_never_read() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_blocks_outside_a_context_are_never_read(dtype: torch.dtype) -> None:
     """Table entries past a sequence's blocks are padding (the runner pads with block 0) and NaN blocks elsewhere
-    in the cache stay unread: only the blocks of [0, length) matter."""
+    in the cache stay unread, as do the slots of a last block past the context (bf16 pairs an odd last key with a
+    zero, not with the slot after it): only the positions [0, length) matter."""
     query, k_cache, v_cache, tables, lens = make_case(
-        batch=2, heads=9, kv_heads=3, dim=64, block_size=16, lengths=[20, 40], dtype=torch.float32, seed=3
+        batch=2, heads=9, kv_heads=3, dim=64, block_size=16, lengths=[21, 39], dtype=dtype, seed=3
     )
     expected = run(query, k_cache, v_cache, tables, lens)
     used = {int(block) for seq, length in enumerate(lens.tolist()) for block in tables[seq, : -(-length // 16)]}
     for block in set(range(k_cache.shape[1])) - used:
         k_cache[:, block] = float("nan")
         v_cache[:, block] = float("nan")
+    for seq, length in enumerate(lens.tolist()):  # the last block's slots past the context
+        last = int(tables[seq, (length - 1) // 16])
+        k_cache[:, last, length % 16 :] = float("nan")
+        v_cache[:, last, length % 16 :] = float("nan")
     tables[0, 2] = next(iter(set(range(k_cache.shape[1])) - used))  # sequence 0 uses 2 blocks; its 3rd is padding
     assert torch.equal(run(query, k_cache, v_cache, tables, lens), expected)
 

@@ -4,12 +4,14 @@
 // The torch path (worker/runner.py, _decode_attention) first gathers every sequence's blocks into one contiguous
 // copy, pads the query group to a matrix, and runs two bf16 matmuls around a float32 softmax: on a 64-sequence step
 // the gather alone was 16-19 % of the step and the whole attention 35-40 % (bench/profile_step.py). Here each
-// (row, KV head) pair computes its query heads' scores, softmax and weighted sum of V, all in float32, read
-// straight from the blocks of its table. A row's result depends only on its own query, blocks and length, and the
-// order of every sum is fixed at compile time: a row gets the same bits whatever its batch neighbours are, and a
-// prompt token the same as if it were decoded. Prompt chunks' rows run this way too since it beat the torch prefill
-// path (gather, masked bf16 matmuls) by 8-11 % a whole step at contexts below ~2,500 tokens; at 6,000 a 256-token
-// chunk is 6 % slower, its fp32 dot products against bf16 matmuls (bench/step.py --prefill 256 --prefill-at 6000).
+// (row, KV head) pair computes its query heads' scores, softmax and weighted sum of V, read straight from the blocks
+// of its table: in float32, or for bf16 caches on AVX512-BF16 with bf16 dot products (vdpbf16ps) summed in float32,
+// the probabilities rounded to bf16 for the weighted sum (Avx512::BF16_DOTS). A row's result depends only on its own
+// query, blocks and length, and the order of every sum is fixed at compile time: a row gets the same bits whatever
+// its batch neighbours are, and a prompt token the same as if it were decoded. Prompt chunks' rows run this way too since it beat the torch prefill
+// path (gather, masked bf16 matmuls) by 8-11 % a whole step at contexts below ~2,500 tokens, and at 6,000 a 256-token
+// chunk was 6 % slower with fp32 dot products; on bf16 ones that chunk's step runs 1.4x faster than it did (445 -> 316
+// ms, Q4_1; 2,000 tokens: 172 -> 126; bench/step.py --prefill 256 --prefill-at 6000).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +31,7 @@
 
 #include "convert.h"
 #include "fast_exp.h"
+#include "lanes.h"
 
 namespace {
 
@@ -41,9 +44,11 @@ constexpr int64_t MAX_HEAD_DIM = 512;  // the portable tile's scratch row
 
 template <typename scalar_t>
 struct Portable {
-  // scores[g * stride + i] = queries[g] . keys[i] for the tile's `rows` keys.
-  static void scores(const float* queries, int64_t group, int dim, const scalar_t* keys, int rows, float* scores,
-                     int64_t stride) {
+  using query_t = float;  // how the queries are held (the query as it is, in float32)
+
+  // scores[g * stride + i] = scale * queries[g] . keys[i] for the tile's `rows` keys.
+  static void scores(const float* queries, int64_t group, int dim, const scalar_t* keys, int rows, float scale,
+                     float* scores, int64_t stride) {
     float key[MAX_HEAD_DIM];
     for (int i = 0; i < rows; ++i) {
 #pragma omp simd
@@ -53,10 +58,15 @@ struct Portable {
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int d = 0; d < dim; ++d) dot += q[d] * key[d];
-        scores[g * stride + i] = dot;
+        scores[g * stride + i] = dot * scale;
       }
     }
   }
+  // One head's output from its sums (held in dimension order here).
+  static void output(const float* sums, int dim, scalar_t* out) {
+    for (int d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(sums[d]);
+  }
+
   // sums[g] += probs[g * stride + i] * values[i] over the tile's `rows` values.
   static void values(const float* probs, int64_t stride, int64_t group, int dim, const scalar_t* values, int rows,
                      float* sums) {
@@ -77,23 +87,13 @@ struct Portable {
 #if defined(__AVX512F__)
 using tandem::load16;
 
-// Lane i of the result: the sum of v[i]'s 16 lanes, by a fixed tree (halves, quarters, pairs, lanes).
-inline __m512 sum_lanes_of_16(const __m512* v) {
-  __m512 halves[8], quarters[4], pairs[2];
-  for (int j = 0; j < 8; ++j)  // 256-bit halves of v[2j] | v[2j+1] added: 8 partial sums per vector
-    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
-                              _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
-  for (int j = 0; j < 4; ++j)  // 128-bit lane c now holds vector 4j + c's 4 partial sums
-    quarters[j] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], 0x88),
-                                _mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], 0xDD));
-  for (int j = 0; j < 2; ++j)  // lane c: vectors 8j + c and 8j + 4 + c, two partial sums each
-    pairs[j] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], 0x44),
-                             _mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], 0xEE));
-  // Element 4c + p: the sum of vector c + 4p; a 4x4 transpose puts vector i's sum in element i.
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], 0x88), _mm512_shuffle_ps(pairs[0], pairs[1], 0xDD));
-  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_permutexvar_ps(order, sums);
+using tandem::sum_lanes_of_16;
+
+#if defined(__AVX512BF16__)
+inline __m512bh load_bf16x32(const c10::BFloat16* from) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(from));
 }
+#endif
 
 template <typename scalar_t, int DIM>
 struct Avx512 {
@@ -110,8 +110,44 @@ struct Avx512 {
     }
   }
 
-  static void scores(const float* queries, int64_t group, int, const scalar_t* keys, int rows, float* scores,
-                     int64_t stride) {
+  // bf16 caches on a CPU with AVX512-BF16: queries stay bf16 and scores run on vdpbf16ps, 32 products an
+  // instruction straight from the keys' bits (float32 ones took a conversion and 16 an instruction), one head at a
+  // time (all of a pass's heads at once held 48 vectors of dots: spilled to the stack); the weighted values too
+  // (values()). With the vector softmax below, the attention of 60 decodes beside a 256-token chunk ran 1.5x
+  // faster (478 -> 320 us a layer, 9 heads of 64), whole steps 1.05-1.09x.
+  static constexpr bool BF16_DOTS =
+#if defined(__AVX512BF16__)
+      std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+      false;
+#endif
+  using query_t = std::conditional_t<BF16_DOTS, c10::BFloat16, float>;
+
+  static void scores(const query_t* queries, int64_t group, int, const scalar_t* keys, int rows, float scale,
+                     float* scores, int64_t stride) {
+#if defined(__AVX512BF16__)
+    if constexpr (BF16_DOTS) {
+      constexpr int PAIRS = DIM / 32;  // vectors of 32 bf16 per head
+      for (int64_t g = 0; g < group; ++g) {
+        __m512bh q[PAIRS];
+        for (int c = 0; c < PAIRS; ++c) q[c] = load_bf16x32(queries + g * DIM + c * 32);
+        __m512 dots[TILE];
+        for (int i = 0; i < TILE; ++i) {
+          dots[i] = _mm512_setzero_ps();
+          if (i < rows)
+            for (int c = 0; c < PAIRS; ++c)
+              dots[i] = _mm512_dpbf16_ps(dots[i], q[c], load_bf16x32(keys + i * DIM + c * 32));
+        }
+        _mm512_storeu_ps(scores + g * stride, _mm512_mul_ps(sum_lanes_of_16(dots), _mm512_set1_ps(scale)));
+      }
+      return;
+    }
+#endif
+    if constexpr (!BF16_DOTS) float_scores(queries, group, keys, rows, scale, scores, stride);
+  }
+
+  static void float_scores(const float* queries, int64_t group, const scalar_t* keys, int rows, float scale,
+                           float* scores, int64_t stride) {
     for (int64_t g0 = 0; g0 < group; g0 += HEADS) {
       with_heads(std::min<int64_t>(HEADS, group - g0), [&](auto heads) {
         constexpr int N = decltype(heads)::value;
@@ -127,13 +163,74 @@ struct Avx512 {
             dots[g][i] = dot;
           }
         }
-        for (int g = 0; g < N; ++g) _mm512_storeu_ps(scores + (g0 + g) * stride, sum_lanes_of_16(dots[g]));
+        for (int g = 0; g < N; ++g)
+          _mm512_storeu_ps(scores + (g0 + g) * stride, _mm512_mul_ps(sum_lanes_of_16(dots[g]), _mm512_set1_ps(scale)));
       });
     }
   }
 
+  // With BF16_DOTS the weighted values run on vdpbf16ps too, two keys per instruction: lane l sums p_i v_i[d] +
+  // p_i+1 v_i+1[d], the probabilities rounded to bf16 (as flash attention does before its P V product), the values
+  // interleaved key by key (vpunpck[lh]wd, within 128-bit lanes). The sums are then held in that order: per 32
+  // dimensions, d = 0-3, 8-11, 16-19, 24-27, then 4-7, 12-15, ...; output() puts them back.
+  static void output(const float* sums, int, scalar_t* out) {
+    if constexpr (BF16_DOTS) {
+      // Dimension d of a chunk of 32: lane (d / 8) * 4 + d % 4 of the first vector (d % 8 < 4) or of the second.
+      alignas(64) int32_t order[32];
+      for (int d = 0; d < 32; ++d) order[d] = (d % 8 < 4 ? 0 : 16) + (d / 8) * 4 + d % 4;
+      const __m512i first = _mm512_load_si512(order), second = _mm512_load_si512(order + 16);
+      for (int c = 0; c < DIM / 32; ++c) {
+        const __m512 low = _mm512_loadu_ps(sums + c * 32), high = _mm512_loadu_ps(sums + c * 32 + 16);
+        const __m512 dims[2] = {_mm512_permutex2var_ps(low, first, high), _mm512_permutex2var_ps(low, second, high)};
+        for (int h = 0; h < 2; ++h)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * 32 + h * 16),
+                              reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(dims[h])));
+      }
+      return;
+    }
+    for (int d = 0; d < DIM; ++d) out[d] = static_cast<scalar_t>(sums[d]);
+  }
+
   static void values(const float* probs, int64_t stride, int64_t group, int, const scalar_t* values, int rows,
                      float* sums) {
+#if defined(__AVX512BF16__)
+    if constexpr (BF16_DOTS) {
+      constexpr int CHUNKS = DIM / 32;
+      for (int64_t g0 = 0; g0 < group; g0 += HEADS) {
+        with_heads(std::min<int64_t>(HEADS, group - g0), [&](auto heads) {
+          constexpr int N = decltype(heads)::value;
+          __m512 sum[N][VECTORS];
+          // Each head's probabilities in bf16, two to a 32-bit lane: lane j holds keys 2j and 2j + 1. The tile's
+          // scores were written as a whole vector of 16, zero past the context, so an odd last key pairs with 0.
+          alignas(64) int32_t prob_pairs[N][TILE / 2];
+          for (int g = 0; g < N; ++g) {
+            const __m512 p = _mm512_loadu_ps(probs + (g0 + g) * stride);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(prob_pairs[g]),
+                               reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(p)));
+          }
+          for (int g = 0; g < N; ++g)
+            for (int c = 0; c < VECTORS; ++c) sum[g][c] = _mm512_loadu_ps(sums + (g0 + g) * DIM + c * 16);
+          for (int i = 0; i < rows; i += 2) {
+            const bool second = i + 1 < rows;  // an odd last key pairs with zeros
+            __m512bh pairs[VECTORS];
+            for (int c = 0; c < CHUNKS; ++c) {
+              const __m512i a = _mm512_loadu_si512(values + i * DIM + c * 32);
+              const __m512i b = second ? _mm512_loadu_si512(values + (i + 1) * DIM + c * 32) : _mm512_setzero_si512();
+              pairs[2 * c] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+              pairs[2 * c + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+            }
+            for (int g = 0; g < N; ++g) {
+              const __m512bh p2 = reinterpret_cast<__m512bh>(_mm512_set1_epi32(prob_pairs[g][i / 2]));
+              for (int c = 0; c < VECTORS; ++c) sum[g][c] = _mm512_dpbf16_ps(sum[g][c], pairs[c], p2);
+            }
+          }
+          for (int g = 0; g < N; ++g)
+            for (int c = 0; c < VECTORS; ++c) _mm512_storeu_ps(sums + (g0 + g) * DIM + c * 16, sum[g][c]);
+        });
+      }
+      return;
+    }
+#endif
     for (int64_t g0 = 0; g0 < group; g0 += HEADS) {
       with_heads(std::min<int64_t>(HEADS, group - g0), [&](auto heads) {
         constexpr int N = decltype(heads)::value;
@@ -160,6 +257,48 @@ struct Avx512 {
 // hardware prefetcher, which follows addresses, only catches up after each block's first misses.
 inline void prefetch_block(const void* block, int64_t bytes) {
   for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(static_cast<const char*>(block) + offset);
+}
+
+// Softmax over a row's `length` scores, in float32, in place. With AVX-512: whole vectors, the last one masked and
+// stored whole (zeros past `length`: a row has room for a tile past its context, and the bf16 values pair an odd
+// last key's probability with the zero after it); the loops left to the compiler ran their tails one lane at a time.
+inline void softmax(float* row, int64_t length) {
+#if defined(__AVX512F__)
+  const int64_t whole = length / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (length - whole)) - 1);
+  __m512 peaks = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < whole; t += 16) peaks = _mm512_max_ps(peaks, _mm512_loadu_ps(row + t));
+  peaks = _mm512_mask_max_ps(peaks, tail, peaks, _mm512_maskz_loadu_ps(tail, row + whole));
+  const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(peaks));
+  __m512 totals = _mm512_setzero_ps();
+  for (int64_t t = 0; t < whole; t += 16) {
+    const __m512 e = tandem::exp16_clamped(_mm512_sub_ps(_mm512_loadu_ps(row + t), peak));
+    _mm512_storeu_ps(row + t, e);
+    totals = _mm512_add_ps(totals, e);
+  }
+  if (tail) {
+    const __m512 e =
+        _mm512_maskz_mov_ps(tail, tandem::exp16_clamped(_mm512_sub_ps(_mm512_loadu_ps(row + whole), peak)));
+    _mm512_storeu_ps(row + whole, e);
+    totals = _mm512_add_ps(totals, e);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(totals));
+  for (int64_t t = 0; t < whole + (tail ? 16 : 0); t += 16)
+    _mm512_storeu_ps(row + t, _mm512_mul_ps(_mm512_loadu_ps(row + t), inverse));
+#else
+  float peak = -INFINITY;
+#pragma omp simd reduction(max : peak)
+  for (int64_t t = 0; t < length; ++t) peak = row[t] > peak ? row[t] : peak;
+  float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t t = 0; t < length; ++t) {
+    row[t] = tandem::exp_clamped(row[t] - peak);
+    total += row[t];
+  }
+  const float inverse = 1.0f / total;
+#pragma omp simd
+  for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
+#endif
 }
 
 // Rows of one sequence (a prompt chunk's) are taken together, up to this many: each tile of keys or values is then
@@ -219,7 +358,8 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
   const int64_t items = static_cast<int64_t>(runs.size()) * num_kv_heads;
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> queries, sums, scores;
+    std::vector<typename Tile::query_t> queries;
+    std::vector<float> sums, scores;
     for (int64_t taken; (taken = next_item.fetch_add(1, std::memory_order_relaxed)) < items;) {
       const int64_t item = items - 1 - taken;
       const auto [first, count] = runs[item / num_kv_heads];
@@ -235,8 +375,11 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
       for (int64_t r = 0; r < count; ++r)
         for (int64_t g = 0; g < group; ++g) {
           const scalar_t* q = q_data + (first + r) * q_row + (kv_head * group + g) * q_head;
-          float* scaled = queries.data() + (r * group + g) * dim;
-          for (int d = 0; d < dim; ++d) scaled[d] = static_cast<float>(q[d]) * softmax_scale;
+          auto* held = queries.data() + (r * group + g) * dim;
+          if constexpr (std::is_same_v<typename Tile::query_t, scalar_t>)
+            std::memcpy(held, q, dim * sizeof(scalar_t));
+          else
+            for (int d = 0; d < dim; ++d) held[d] = static_cast<typename Tile::query_t>(q[d]);
         }
       // The rows' tiles: a row's tile at t ends at its own length, or at TILE, or at the block's end.
       const auto tile_rows = [&](int64_t length, int64_t t) {
@@ -251,25 +394,11 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
         for (int64_t r = 0; r < count; ++r)
           if (t < lens[first + r])
             Tile::scores(queries.data() + r * group * dim, group, dim, keys, tile_rows(lens[first + r], t),
-                         scores.data() + r * run_stride + t, row_len);
+                         softmax_scale, scores.data() + r * run_stride + t, row_len);
       }
       for (int64_t r = 0; r < count; ++r) {
         const int64_t length = lens[first + r];
-        for (int64_t g = 0; g < group; ++g) {  // softmax over the row's `length` scores, in float32
-          float* row = &scores[r * run_stride + g * row_len];
-          float peak = -INFINITY;
-#pragma omp simd reduction(max : peak)
-          for (int64_t t = 0; t < length; ++t) peak = row[t] > peak ? row[t] : peak;
-          float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-          for (int64_t t = 0; t < length; ++t) {
-            row[t] = tandem::exp_clamped(row[t] - peak);
-            total += row[t];
-          }
-          const float inverse = 1.0f / total;
-#pragma omp simd
-          for (int64_t t = 0; t < length; ++t) row[t] *= inverse;
-        }
+        for (int64_t g = 0; g < group; ++g) softmax(&scores[r * run_stride + g * row_len], length);
       }
       for (int64_t t = 0; t < longest; t += tile_rows(longest, t)) {
         if (t % block_size == 0 && t + block_size < longest)
@@ -283,8 +412,7 @@ void attend(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor
       for (int64_t r = 0; r < count; ++r)
         for (int64_t g = 0; g < group; ++g) {
           scalar_t* o = out_data + ((first + r) * num_heads + kv_head * group + g) * dim;
-          const float* sum = sums.data() + (r * group + g) * dim;
-          for (int d = 0; d < dim; ++d) o[d] = static_cast<scalar_t>(sum[d]);
+          Tile::output(sums.data() + (r * group + g) * dim, dim, o);
         }
     }
   });

@@ -32,6 +32,7 @@
 #endif
 
 #include "convert.h"
+#include "lanes.h"
 
 namespace {
 
@@ -236,26 +237,58 @@ struct QuantizedRows {
         scaled_sums(scales.size()), sums(scales.size()) {
     const c10::BFloat16* data = x.data_ptr<c10::BFloat16>();
     at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t b = 0; b < blocks; ++b) {
-          const c10::BFloat16* in = data + r * k_len + b * ACT_BLOCK;
-          const __m512 v[2] = {tandem::load16(in), tandem::load16(in + 16)};
-          const float peak = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
-          const float inverse = peak > 0.0f ? 127.0f / peak : 0.0f;
-          __m512i sum = _mm512_setzero_si512();
-          for (int h = 0; h < 2; ++h) {
-            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], _mm512_set1_ps(inverse)));  // nearest, even ties
-            sum = _mm512_add_epi32(sum, q);
-            auto* block_codes = reinterpret_cast<__m128i*>(codes.data() + r * k_len + b * ACT_BLOCK + 16 * h);
-            _mm_storeu_si128(block_codes, _mm512_cvtsepi32_epi8(q));
-          }
-          const float scale = peak / 127.0f;
-          const int32_t code_sum = _mm512_reduce_add_epi32(sum);
-          scales[r * blocks + b] = scale;
-          sums[r * blocks + b] = code_sum;
-          scaled_sums[r * blocks + b] = scale * static_cast<float>(code_sum);
-        }
+      for (int64_t r = begin; r < end; ++r) {
+        int64_t b = 0;
+        for (; b + 16 <= blocks; b += 16) quantize<16>(data, r, b);
+        for (; b < blocks; ++b) quantize<1>(data, r, b);
+      }
     });
+  }
+
+  // Blocks b .. b + N - 1 of row r, N = 16 or 1: 16 blocks' peaks and code sums are reduced together
+  // (tandem::max_lanes_of_16), one block alone on its own lanes. Max and integer sums are exact in any order: both
+  // give a block the same codes, scale and sums.
+  template <int N>
+  void quantize(const c10::BFloat16* data, int64_t r, int64_t b) {
+    const c10::BFloat16* in = data + r * k_len + b * ACT_BLOCK;
+    alignas(64) float peaks[16], inverses[16], code_sums[16];
+    if constexpr (N == 16) {
+      __m512 absolute[16];
+      for (int j = 0; j < 16; ++j)
+        absolute[j] = _mm512_max_ps(_mm512_abs_ps(tandem::load16(in + j * ACT_BLOCK)),
+                                    _mm512_abs_ps(tandem::load16(in + j * ACT_BLOCK + 16)));
+      const __m512 peak = tandem::max_lanes_of_16(absolute);
+      _mm512_store_ps(peaks, peak);
+      // 127 / peak where peak > 0, else 0: IEEE division, the same bits as one lane at a time.
+      _mm512_store_ps(inverses, _mm512_maskz_div_ps(_mm512_cmp_ps_mask(peak, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                    _mm512_set1_ps(127.0f), peak));
+    } else {
+      const __m512 absolute = _mm512_max_ps(_mm512_abs_ps(tandem::load16(in)), _mm512_abs_ps(tandem::load16(in + 16)));
+      peaks[0] = _mm512_reduce_max_ps(absolute);
+      inverses[0] = peaks[0] > 0.0f ? 127.0f / peaks[0] : 0.0f;
+    }
+    __m512 block_sums[16];
+    for (int j = 0; j < N; ++j) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v = tandem::load16(in + j * ACT_BLOCK + 16 * h);
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inverses[j])));  // nearest, even ties
+        sum = _mm512_add_epi32(sum, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + r * k_len + (b + j) * ACT_BLOCK + 16 * h),
+                         _mm512_cvtsepi32_epi8(q));
+      }
+      block_sums[j] = _mm512_cvtepi32_ps(sum);  // |sum| <= 32 * 127: exact in float32
+    }
+    if constexpr (N == 16)
+      _mm512_store_ps(code_sums, tandem::sum_lanes_of_16(block_sums));
+    else
+      code_sums[0] = _mm512_reduce_add_ps(block_sums[0]);
+    for (int j = 0; j < N; ++j) {
+      const int64_t at = r * blocks + b + j;
+      scales[at] = peaks[j] / 127.0f;
+      sums[at] = static_cast<int32_t>(code_sums[j]);
+      scaled_sums[at] = scales[at] * code_sums[j];
+    }
   }
 
   From rows(int64_t r0) const {
