@@ -49,7 +49,7 @@ class Kernels:
     w4a8_gemm: Callable[..., None]
     w8a8_gemm: Callable[..., None]
     quant_gemm: bool  # whether int4_gemm and int8_gemm work here: they need AVX512-BF16
-    w4a8: bool  # whether w4a8_gemm works here: it needs AVX512-VNNI too
+    w4a8: bool  # whether w4a8_gemm and w8a8_gemm (int8 activations) work here: they need AVX512-VNNI too
 
 
 def cache_folder() -> Path:

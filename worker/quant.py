@@ -139,6 +139,9 @@ class Int4Kernel:
 
 
 NATIVE_COLUMNS = 16  # worker/csrc/quant_gemm.cpp's tile: output columns per vector of sums
+# The int8-activation kernels (int4 x int8, int8 x int8) give each row's activations one scale per this many k: K,
+# and int4 weight groups, must be whole blocks.
+ACT_BLOCK = 32
 
 
 class NativeInt4Kernel:
@@ -178,8 +181,6 @@ class NativeW4A8Kernel(NativeInt4Kernel):
     7.9 % (the reason for blocks).
     """
 
-    ACT_BLOCK = 32  # activations share a scale per this many k; groups of weights must be whole blocks
-
     def __init__(self, weight: QuantWeight, gemm: Callable[..., None]) -> None:
         super().__init__(weight, gemm)
         # The kernel multiplies the unsigned codes 0..15: (code - 8) * scale + zero = code * scale + (zero - 8 scale).
@@ -206,17 +207,15 @@ class NativeInt8Kernel:
         return out
 
 
-class NativeW8A8Kernel:
+class NativeW8A8Kernel(NativeInt8Kernel):
     """x @ W.T on worker/csrc/quant_gemm.cpp's int8 x int8 kernel: int8 weights with one scale per output row, each
     row's activations quantized per block of 32 as for `NativeW4A8Kernel`; the codes are stored plus 128 (the
-    unsigned operand of the VNNI dot product) in tiles of 16 columns by 4 k.
+    unsigned operand of the VNNI dot product) in tiles of 16 columns by 4 k. Called as `NativeInt8Kernel` is.
 
     One weight scale per output row leaves a block of 32 only its activation scale to apply (2 float operations per 8
     integer dot products, against 4 for int4 groups): 1.5-1.8 TOP/s at 16-316 rows on this 2-core Zen 5, 1.2x the
     int4 x int8 kernel and 2x the int8 x bf16 one (`NativeInt8Kernel`).
     """
-
-    ACT_BLOCK = 32  # activations share a scale per this many k: K must be whole blocks
 
     def __init__(self, weight: QuantWeight, gemm: Callable[..., None]) -> None:
         n, k = weight.shape
@@ -229,11 +228,6 @@ class NativeW8A8Kernel:
         self.out_features, self.gemm = n, gemm
         self.name = f"native int8 x int8 ({weight.source})"
 
-    def __call__(self, x: Tensor) -> Tensor:
-        out = torch.empty(x.shape[0], self.out_features, dtype=KERNEL_DTYPE)
-        self.gemm(x.contiguous(), self.packed, self.scales, out)
-        return out
-
 
 QuantKernel = Int8Kernel | Int4Kernel | NativeInt8Kernel | NativeInt4Kernel | NativeW4A8Kernel | NativeW8A8Kernel
 
@@ -242,13 +236,12 @@ def _kernel(weight: QuantWeight, native: Kernels | None) -> QuantKernel:
     """Ours where it is built and the shape fits its tiles, else torch's."""
     n, k = weight.shape
     if native is not None and native.quant_gemm and n % NATIVE_COLUMNS == 0:
-        if weight.bits == 8 and native.w4a8 and k % NativeW8A8Kernel.ACT_BLOCK == 0:
+        if weight.bits == 8 and native.w4a8 and k % ACT_BLOCK == 0:
             return NativeW8A8Kernel(weight, native.w8a8_gemm)
         if weight.bits == 8 and k % 2 == 0:
             return NativeInt8Kernel(weight, native.int8_gemm)
-        if weight.bits == 4 and weight.group_size % NativeW4A8Kernel.ACT_BLOCK == 0 and k % weight.group_size == 0:
-            if native.w4a8:
-                return NativeW4A8Kernel(weight, native.w4a8_gemm)
+        if weight.bits == 4 and native.w4a8 and weight.group_size % ACT_BLOCK == 0 and k % weight.group_size == 0:
+            return NativeW4A8Kernel(weight, native.w4a8_gemm)
         if weight.bits == 4 and weight.group_size % 4 == 0 and k % weight.group_size == 0:
             return NativeInt4Kernel(weight, native.int4_gemm)
     return Int8Kernel(weight) if weight.bits == 8 else Int4Kernel(weight)
@@ -313,7 +306,7 @@ def int4_as_int8_rows(weights: dict[str, QuantWeight], native: Kernels | None) -
     fits = {
         name: w
         for name, w in weights.items()
-        if w.bits == 4 and w.shape[0] % NATIVE_COLUMNS == 0 and w.shape[1] % NativeW8A8Kernel.ACT_BLOCK == 0
+        if w.bits == 4 and w.shape[0] % NATIVE_COLUMNS == 0 and w.shape[1] % ACT_BLOCK == 0
     }
     if not fits or native is None or not native.quant_gemm or not native.w4a8:
         return weights

@@ -55,16 +55,24 @@ bool w4a8_supported() {
 #endif
 }
 
-void check_common(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& out, int64_t k_per_entry) {
+// packed [N / 16, entries, entry_bytes], each entry holding k_per_entry values of k for the tile's 16 columns.
+void check_common(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& out, int64_t k_per_entry,
+                  int64_t entry_bytes = 32) {
   TORCH_CHECK(quant_gemm_supported(), "int4/int8 gemm needs AVX512-BF16 (this build has none)");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
               "x must be contiguous bf16 [rows, K]");
-  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == 32 &&
+  TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.size(2) == entry_bytes &&
                   packed.size(1) * k_per_entry == x.size(1),
               "packed weight does not match x's K");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 &&
                   out.size(0) == x.size(0) && out.size(1) == packed.size(0) * COLUMNS,
               "out must be contiguous bf16 [rows, N]");
+}
+
+// int8 weights' scales, one per output column.
+void check_row_scales(const at::Tensor& scales, int64_t tiles) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * COLUMNS,
+              "scales must be contiguous float32 [N]");
 }
 
 // int4 weights' per-group scales and zero points, as worker/quant.py lays them out.
@@ -452,8 +460,7 @@ void int4_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
 void int8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor out) {
   check_common(x, packed, out, 2);
   const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * COLUMNS,
-              "scales must be contiguous float32 [N]");
+  check_row_scales(scales, tiles);
 #if defined(__AVX512BF16__)
   const auto* x_data = x.data_ptr<c10::BFloat16>();
   const auto* codes = packed.data_ptr<int8_t>();
@@ -529,17 +536,11 @@ void w4a8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& 
 
 void w8a8_gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, at::Tensor out) {
   TORCH_CHECK(w4a8_supported(), "the int8 x int8 gemm needs AVX512-VNNI and AVX512-BF16 (this build lacks them)");
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
-              "x must be contiguous bf16 [rows, K]");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 3 && packed.is_contiguous() &&
-                  packed.size(2) == 64 && packed.size(1) * 4 == x.size(1) && x.size(1) % 32 == 0,
-              "packed weight does not match x's K (which must be whole blocks of 32)");
+  check_common(x, packed, out, 4, 64);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && x.size(1) % 32 == 0,
+              "packed weight must be uint8 and K whole blocks of 32");
   const int64_t rows = x.size(0), k_len = x.size(1), tiles = packed.size(0);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == tiles * COLUMNS,
-              "scales must be contiguous float32 [N]");
-  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == rows &&
-                  out.size(1) == tiles * COLUMNS,
-              "out must be contiguous bf16 [rows, N]");
+  check_row_scales(scales, tiles);
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
   const int64_t quads = k_len / 4;
   const QuantizedRows quantized(x);
